@@ -1,0 +1,69 @@
+"""AdamW with Mask2Former's parameter groups and full-model gradient clipping."""
+import itertools
+from typing import Any, Dict, List, Set, Type
+
+import torch
+from torch import nn
+
+from detectron2.layers import FrozenBatchNorm2d
+from detectron2.solver.build import maybe_add_gradient_clipping
+
+_NORMS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d,
+)
+# parameters that are embeddings although not held by an nn.Embedding
+_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed", "pos_embed")
+
+
+def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
+    """One group per parameter: backbone LR multiplier, no decay on norms, embed decay on embeddings."""
+    base_lr = cfg.SOLVER.BASE_LR
+    groups: List[Dict[str, Any]] = []
+    seen: Set[int] = set()
+    for module_name, module in model.named_modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            lr = base_lr
+            weight_decay = cfg.SOLVER.WEIGHT_DECAY
+            if module_name.startswith("backbone"):
+                lr = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
+            if isinstance(module, _NORMS):
+                weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
+            if isinstance(module, nn.Embedding) or any(k in name for k in _EMBED_NAMES):
+                weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay})
+    return groups
+
+
+def with_full_model_clipping(optim_cls: Type[torch.optim.Optimizer], clip_norm: float, norm_type: float):
+    """Subclass of ``optim_cls`` whose step() first clips the L2 norm over all parameters."""
+
+    class FullModelClippedOptimizer(optim_cls):
+        def step(self, closure=None):
+            params = itertools.chain(*[g["params"] for g in self.param_groups])
+            torch.nn.utils.clip_grad_norm_(params, clip_norm, norm_type=norm_type)
+            return super().step(closure=closure)
+
+    FullModelClippedOptimizer.__name__ = f"FullModelClipped{optim_cls.__name__}"
+    return FullModelClippedOptimizer
+
+
+def build_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
+    groups = param_groups(cfg, model)
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optim_cls, kwargs = torch.optim.AdamW, {}
+    elif name == "SGD":
+        optim_cls, kwargs = torch.optim.SGD, {"momentum": cfg.SOLVER.MOMENTUM, "nesterov": cfg.SOLVER.NESTEROV}
+    else:
+        raise ValueError(f"SOLVER.OPTIMIZER: unknown optimizer '{cfg.SOLVER.OPTIMIZER}' (ADAMW or SGD)")
+    clip = cfg.SOLVER.CLIP_GRADIENTS
+    if clip.ENABLED and clip.CLIP_TYPE == "full_model":
+        optim_cls = with_full_model_clipping(optim_cls, clip.CLIP_VALUE, clip.NORM_TYPE)
+        optimizer = optim_cls(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+    else:
+        optimizer = maybe_add_gradient_clipping(cfg, optim_cls)(groups, lr=cfg.SOLVER.BASE_LR, **kwargs)
+    return optimizer

@@ -1,0 +1,31 @@
+"""Config set-up shared by train_net.py, the demo job, tools and tests."""
+import logging
+from typing import Sequence
+
+from detectron2.config import CfgNode
+from detectron2.engine import default_setup
+
+from ..config import get_default_cfg
+from ..data.registry import register_datasets_for
+
+logger = logging.getLogger(__name__)
+
+
+def build_cfg(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """Defaults + yaml + command-line overrides; AMP is switched off on the CPU."""
+    cfg = get_default_cfg()
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    if cfg.MODEL.DEVICE == "cpu" and cfg.SOLVER.AMP.ENABLED:
+        cfg.SOLVER.AMP.ENABLED = False  # detectron2's AMPTrainer needs CUDA
+    cfg.freeze()
+    return cfg
+
+
+def setup(args) -> CfgNode:
+    """train_net.py's set-up: config, logging, output dir, dataset registration."""
+    cfg = build_cfg(args.config_file, args.opts)
+    default_setup(cfg, args)
+    register_datasets_for(cfg)
+    return cfg

@@ -1,0 +1,102 @@
+"""detectron2 trainer for box-supervised Mask2Former.
+
+Differences from DefaultTrainer: the positional (exactly resumable) training stream,
+AdamW parameter groups with full-model clipping, COCO evaluation without the C++ COCOeval,
+and RNG states in the checkpoint.
+"""
+import logging
+import os
+import random
+
+import numpy as np
+import torch
+
+from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
+from detectron2.engine import DefaultTrainer
+from detectron2.evaluation import COCOEvaluator
+
+from ..data.loader import build_positional_train_loader
+from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
+from .optimizer import build_optimizer
+
+logger = logging.getLogger(__name__)
+
+
+def _numpy_state_to_plain(state):
+    name, keys, pos, has_gauss, cached = state
+    return [name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)]
+
+
+def _numpy_state_from_plain(state):
+    name, keys, pos, has_gauss, cached = state
+    return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
+
+
+class Trainer(DefaultTrainer):
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0):
+        records = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        mapper = BoxSupDatasetMapper(cfg, is_train=True)
+        seed = cfg.SEED if cfg.SEED >= 0 else 0
+        return build_positional_train_loader(
+            records,
+            mapper,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            seed=seed,
+            start_iter=start_iter,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(cfg, dataset_name, mapper=BoxSupTestMapper(cfg, is_train=False))
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        output_folder = output_folder or os.path.join(cfg.OUTPUT_DIR, "inference", dataset_name)
+        return COCOEvaluator(
+            dataset_name,
+            tasks=("bbox", "segm"),
+            distributed=True,
+            output_dir=output_folder,
+            max_dets_per_image=cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE,
+            use_fast_impl=False,
+        )
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_optimizer(cfg, model)
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            # continue the data stream exactly where the checkpointed run stopped
+            loader = self._trainer.data_loader
+            loader.dataset.start_position = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
+            self._trainer._data_loader_iter = iter(loader)
+            logger.info("Resuming the data stream at iteration %d", self.start_iter)
+
+    def state_dict(self):
+        state = super().state_dict()
+        state["rng"] = {
+            "torch": torch.get_rng_state(),
+            # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
+            "numpy": _numpy_state_to_plain(np.random.get_state()),
+            "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        return state
+
+    def load_state_dict(self, state_dict):
+        super().load_state_dict(state_dict)
+        rng = state_dict.get("rng")
+        if rng is None:
+            logger.warning("checkpoint has no RNG state: random streams restart")
+            return
+        torch.set_rng_state(rng["torch"])
+        np.random.set_state(_numpy_state_from_plain(rng["numpy"]))
+        random.setstate(rng["python"])
+        if rng["cuda"] and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(rng["cuda"])
