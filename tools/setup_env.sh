@@ -95,7 +95,7 @@ say "installing mask2former_sim (editable) and its dependencies"
 
 # 4. Optional: the CUDA op.
 if [ "${BUILD_MSDA:-0}" = "1" ]; then
-  "$ROOT/tools/build_msda.sh"
+  PYTHON="$PY" "$ROOT/tools/build_msda.sh"
 fi
 
 "$PY" -c "import mask2former_sim, detectron2, torch; print('[setup] ok: torch', torch.__version__, '| detectron2', detectron2.__version__, '| mask2former_sim', mask2former_sim.__version__)"
