@@ -12,6 +12,7 @@ import random
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from detectron2.utils import comm
@@ -132,4 +133,7 @@ def build_positional_train_loader(
         num_workers=num_workers,
         collate_fn=_trivial_collate,
         persistent_workers=False,
+        # a private generator: creating the iterator (again on resume) must not draw from
+        # the global torch RNG that the model's point sampling uses
+        generator=torch.Generator().manual_seed(seed),
     )

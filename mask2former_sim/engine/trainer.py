@@ -14,6 +14,7 @@ import torch
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils.env import seed_all_rng
 
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
@@ -33,6 +34,10 @@ def _numpy_state_from_plain(state):
 
 
 class Trainer(DefaultTrainer):
+    def __init__(self, cfg):
+        # seed before the model is built so that two runs of one config start identically
+        seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
+        super().__init__(cfg)
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
         records = get_detection_dataset_dicts(
@@ -80,6 +85,8 @@ class Trainer(DefaultTrainer):
 
     def state_dict(self):
         state = super().state_dict()
+        # detectron2 v0.6's DefaultTrainer leaves the optimizer (and AMP grad scaler) out
+        state["_trainer"] = self._trainer.state_dict()
         state["rng"] = {
             "torch": torch.get_rng_state(),
             # plain types and tensors only: checkpoints load with torch.load(weights_only=True)
@@ -91,6 +98,10 @@ class Trainer(DefaultTrainer):
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        if "_trainer" in state_dict:
+            self._trainer.load_state_dict(state_dict["_trainer"])
+        else:
+            logger.warning("checkpoint has no optimizer state: the optimizer restarts")
         rng = state_dict.get("rng")
         if rng is None:
             logger.warning("checkpoint has no RNG state: random streams restart")
