@@ -34,6 +34,8 @@ def main(argv=None):
     p.add_argument("--config-file", default=os.path.join(ROOT, "configs/synthetic/boxinst_R18_synth.yaml"))
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output/demo"))
     p.add_argument("--num-overlays", type=int, default=6)
+    p.add_argument("--overlay-score", type=float, default=0.15,
+                   help="score threshold of the drawn detections (at most 5 per image)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
 
@@ -54,7 +56,8 @@ def main(argv=None):
     t_train = time.time() - t1
 
     val = DatasetCatalog.get(cfg.DATASETS.TEST[0])[: args.num_overlays]
-    overlays = write_overlays(trainer.model, cfg, [r["file_name"] for r in val], os.path.join(cfg.OUTPUT_DIR, "overlays"))
+    overlays = write_overlays(trainer.model, cfg, [r["file_name"] for r in val], os.path.join(cfg.OUTPUT_DIR, "overlays"),
+                              score_thresh=args.overlay_score, max_per_image=5)
 
     summary = {
         "config": os.path.relpath(args.config_file, ROOT),

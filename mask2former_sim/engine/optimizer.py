@@ -17,9 +17,13 @@ _EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_emb
 
 
 def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
-    """One group per parameter: backbone LR multiplier, no decay on norms, embed decay on embeddings."""
+    """Backbone LR multiplier, no decay on norms, embed decay on embeddings.
+
+    Parameters sharing (lr, weight_decay) share a group, so the optimizer's multi-tensor
+    (foreach) step handles each group in a few kernels instead of one per parameter.
+    """
     base_lr = cfg.SOLVER.BASE_LR
-    groups: List[Dict[str, Any]] = []
+    grouped: Dict[tuple, List[nn.Parameter]] = {}
     seen: Set[int] = set()
     for module_name, module in model.named_modules():
         for name, param in module.named_parameters(recurse=False):
@@ -34,8 +38,8 @@ def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
             if isinstance(module, nn.Embedding) or any(k in name for k in _EMBED_NAMES):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
-            groups.append({"params": [param], "lr": lr, "weight_decay": weight_decay})
-    return groups
+            grouped.setdefault((lr, weight_decay), []).append(param)
+    return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in grouped.items()]
 
 
 def with_full_model_clipping(optim_cls: Type[torch.optim.Optimizer], clip_norm: float, norm_type: float):

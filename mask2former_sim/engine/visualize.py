@@ -30,14 +30,16 @@ def predict_images(model, cfg, image_paths: Iterable[str]) -> List:
     return out
 
 
-def draw_overlay(rgb: np.ndarray, instances, metadata, score_thresh: float) -> np.ndarray:
+def draw_overlay(rgb: np.ndarray, instances, metadata, score_thresh: float, max_per_image: int = 10) -> np.ndarray:
+    """The ``max_per_image`` highest-scoring detections with score >= ``score_thresh``."""
     keep = instances[instances.scores >= score_thresh]
+    keep = keep[keep.scores.argsort(descending=True)[:max_per_image]]
     vis = Visualizer(rgb, metadata=metadata, scale=2.0, instance_mode=ColorMode.IMAGE)
     return vis.draw_instance_predictions(keep).get_image()
 
 
 def write_overlays(model, cfg, image_paths: Iterable[str], out_dir: str, score_thresh: float = 0.5,
-                   metadata_name: str = "") -> List[str]:
+                   metadata_name: str = "", max_per_image: int = 10) -> List[str]:
     """Predict and write ``<out_dir>/<name>.png`` overlays; returns the written paths."""
     from PIL import Image
 
@@ -46,7 +48,7 @@ def write_overlays(model, cfg, image_paths: Iterable[str], out_dir: str, score_t
     metadata = MetadataCatalog.get(name)
     written = []
     for path, (rgb, pred) in zip(image_paths, predict_images(model, cfg, image_paths)):
-        overlay = draw_overlay(rgb, pred, metadata, score_thresh)
+        overlay = draw_overlay(rgb, pred, metadata, score_thresh, max_per_image)
         dst = os.path.join(out_dir, os.path.splitext(os.path.basename(path))[0] + ".png")
         Image.fromarray(overlay).save(dst)
         written.append(dst)
