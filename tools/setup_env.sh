@@ -36,15 +36,20 @@ if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
 PY="$VENV/bin/python"
-PIP=("$PY" -m pip --disable-pip-version-check)
-"${PIP[@]}" install -q --upgrade "pip>=23" "setuptools>=64,<81" wheel
+# pip, minus the machine-local index's "Location ... is ignored" noise (exit status kept)
+pip_install() {
+  "$PY" -m pip --disable-pip-version-check install "$@" 2>&1 \
+    | { grep -v -E "^WARNING: Location '.*' is ignored: it is neither a file nor a directory" || true; }
+  return "${PIPESTATUS[0]}"
+}
+pip_install -q --upgrade "pip>=23" "setuptools>=64,<81" wheel
 
 # 1. torch + torchvision: keep a working pair, otherwise install the pinned one.
 if "$PY" -c "import torch, torchvision; torchvision.ops.nms" >/dev/null 2>&1; then
   say "torch/torchvision already importable: $("$PY" -c 'import torch, torchvision; print(torch.__version__, torchvision.__version__)')"
 else
   say "installing $TORCH_SPEC $TORCHVISION_SPEC"
-  "${PIP[@]}" install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
+  pip_install -q "$TORCH_SPEC" "$TORCHVISION_SPEC"
 fi
 
 # 2. detectron2: keep the user's, otherwise build the PyPI sdist of v0.6 without C++ ops.
@@ -86,12 +91,12 @@ PYEOF
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
 CPPEOF
   say "pip install --no-build-isolation $src (about a minute)"
-  FORCE_CUDA=0 "${PIP[@]}" install -q --no-build-isolation "$src"
+  FORCE_CUDA=0 pip_install -q --no-build-isolation "$src"
 fi
 
 # 3. The project, editable, with its Python dependencies.
 say "installing mask2former_sim (editable) and its dependencies"
-"${PIP[@]}" install -q --no-build-isolation -e ".[test]"
+pip_install -q --no-build-isolation -e ".[test]"
 
 # 4. Optional: the CUDA op.
 if [ "${BUILD_MSDA:-0}" = "1" ]; then
