@@ -38,12 +38,14 @@ class Trainer(DefaultTrainer):
         # seed before the model is built so that two runs of one config start identically
         seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
         super().__init__(cfg)
+
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
         records = get_detection_dataset_dicts(
             cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
         )
         mapper = BoxSupDatasetMapper(cfg, is_train=True)
+        # every rank must draw the same permutation: a fixed seed even when SEED < 0
         seed = cfg.SEED if cfg.SEED >= 0 else 0
         return build_positional_train_loader(
             records,
