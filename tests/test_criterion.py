@@ -259,6 +259,12 @@ def test_bad_inputs_raise():
         crit({"pred_logits": torch.zeros(1, 5, K + 2), "pred_masks": torch.zeros(1, 5, HM, WM)}, make_targets(1), make_info(1), 0)
     with pytest.raises(ValueError, match="weight_dict"):
         BoxSupSetCriterion(K, HungarianMatcher(), {"loss_ce": 1.0})
+    # a class id out of range names the image, whichever image of the batch holds it
+    for bad in (K, -1):
+        targets = make_targets(3)
+        targets[2]["labels"][0] = bad
+        with pytest.raises(ValueError, match=r"targets\[2\]\['labels'\] has class ids outside"):
+            crit(make_outputs(3, num_aux=0), targets, make_info(3), 0)
 
 
 def test_from_config_modes():

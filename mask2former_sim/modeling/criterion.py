@@ -182,10 +182,19 @@ class BoxSupSetCriterion(nn.Module):
             labels = t["labels"]
             if labels.ndim != 1:
                 raise ValueError(f"targets[{b}]['labels'] must be 1-D, got {tuple(labels.shape)}")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= self.num_classes):
-                raise ValueError(
-                    f"targets[{b}]['labels'] has class ids outside [0, {self.num_classes})"
-                )
+
+    def _check_label_range(self, targets: Sequence[Mapping]) -> None:
+        """All class ids in [0, num_classes): one host round trip for the whole batch."""
+        labels = [t["labels"] for t in targets if t["labels"].numel()]
+        if not labels:
+            return
+        flat = torch.cat([lab.reshape(-1).to(labels[0].device) for lab in labels])
+        bad = torch.stack([(flat < 0).any(), (flat >= self.num_classes).any()]).any()
+        if bool(bad):
+            for b, t in enumerate(targets):
+                lab = t["labels"]
+                if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
+                    raise ValueError(f"targets[{b}]['labels'] has class ids outside [0, {self.num_classes})")
 
     def _box_targets(self, targets: Sequence[Mapping], grid_hw, device) -> List[Dict[str, torch.Tensor]]:
         """Per image {"labels", "boxes", "box_masks"} on ``device``; never touches "masks"."""
@@ -344,6 +353,7 @@ class BoxSupSetCriterion(nn.Module):
         [aux_0, ..., aux_{L-1}, final].
         """
         self._check_inputs(outputs, targets)
+        self._check_label_range(targets)
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         device = logits.device
         grid_hw = tuple(masks.shape[-2:])

@@ -134,13 +134,23 @@ class HungarianMatcher(nn.Module):
             )
         if len(targets) != logits.shape[0]:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]}")
+        # cost matrices of all images go to the host in one transfer (scipy needs them there)
+        costs = [
+            self.cost_matrix(logits[b], masks[b], target, b) if len(target["labels"]) else None
+            for b, target in enumerate(targets)
+        ]
+        present = [c for c in costs if c is not None]
+        host = iter(())
+        if present:
+            flat = torch.cat([c.flatten() for c in present]).cpu()
+            host = iter(flat.split([c.numel() for c in present]))
         indices: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        for b, target in enumerate(targets):
-            if len(target["labels"]) == 0:
+        for b, cost in enumerate(costs):
+            if cost is None:
                 empty = torch.empty(0, dtype=torch.int64)
                 indices.append((empty, empty.clone()))
                 continue
-            cost = self.cost_matrix(logits[b], masks[b], target, b).cpu()
+            cost = next(host).view(cost.shape)
             if not torch.isfinite(cost).all():
                 raise FloatingPointError(f"HungarianMatcher: non-finite matching cost for image {b}")
             rows, cols = linear_sum_assignment(cost.numpy())
