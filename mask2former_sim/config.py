@@ -162,6 +162,19 @@ def add_sim_config(cfg):
     cp.CE_WEIGHT = 5.0
     cp.DICE_WEIGHT = 5.0
 
+    # box-crop classification pretraining of the backbone before training, for data without
+    # an ImageNet-initialised backbone (see mask2former_sim/engine/backbone_pretrain.py)
+    cfg.MODEL.BACKBONE_PRETRAIN = CN()
+    bp = cfg.MODEL.BACKBONE_PRETRAIN
+    bp.ENABLED = False
+    bp.ITERS = 1000
+    bp.BASE_LR = 2e-3  # peak of a one-cycle schedule (AdamW)
+    bp.WEIGHT_DECAY = 0.05
+    bp.CROP_SIZE = 64  # crops are resized to CROP_SIZE x CROP_SIZE
+    bp.CONTEXT = [1.1, 2.0]  # window side = long box side x U(CONTEXT)
+    bp.JITTER = 0.1  # window centre shift, fraction of the side
+    bp.CACHE_DIR = ""  # "" -> $MASK2FORMER_SIM_CACHE/pretrained or ~/.cache/mask2former_sim/pretrained
+
     # synthetic data (the embedded default); see mask2former_sim/data/synthetic.py
     cfg.DATASETS.SYNTHETIC = CN()
     sy = cfg.DATASETS.SYNTHETIC

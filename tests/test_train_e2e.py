@@ -44,6 +44,7 @@ def tiny_opts(tmp_root, out_dir, **extra):
         "SOLVER.STEPS": (1000,),
         "SOLVER.CHECKPOINT_PERIOD": 1000,
         "MODEL.BOXSUP.PAIRWISE_WARMUP_ITERS": 4,
+        "MODEL.BACKBONE_PRETRAIN.ENABLED": False,  # tests of it: test_backbone_pretrain.py
     }
     opts.update(extra)
     out = []
@@ -158,18 +159,23 @@ def test_box_only_training_never_reads_gt_masks(tmp_path):
     assert not any("mask" in k or "dice" in k for k in losses)
 
 
+def register_poisoned_val(data_root, json_path, name, box_only):
+    """Register synth_val (already generated under ``data_root``) as ``name`` with every
+    segmentation replaced by garbage: reading one would fail."""
+    src = DatasetCatalog.get("synth_val")
+    meta_json = json.load(open(os.path.join(str(data_root), "val", "annotations.json")))
+    for a in meta_json["annotations"]:
+        a["segmentation"] = "POISON"
+    json_path.write_text(json.dumps(meta_json))
+    register_coco_json(name, str(json_path), os.path.dirname(src[0]["file_name"]), box_only=box_only)
+
+
 def test_box_only_dataset_with_poisoned_segmentation_trains(tmp_path):
     """A dataset whose json masks are garbage still trains box-only: they are never loaded."""
     cfg = build_cfg(BOXINST, tiny_opts(tmp_path / "data", tmp_path / "out"))
     register_datasets_for(cfg)
-    src = DatasetCatalog.get("synth_val")  # has masks; rewrite them as poison
-    meta_json = json.load(open(os.path.join(str(tmp_path / "data"), "val", "annotations.json")))
-    for a in meta_json["annotations"]:
-        a["segmentation"] = "POISON"
-    poisoned = tmp_path / "poisoned.json"
-    poisoned.write_text(json.dumps(meta_json))
     name = "poisoned_box_train"
-    register_coco_json(name, str(poisoned), os.path.dirname(src[0]["file_name"]), box_only=True)
+    register_poisoned_val(tmp_path / "data", tmp_path / "poisoned.json", name, box_only=True)
     try:
         cfg2 = build_cfg(BOXINST, tiny_opts(tmp_path / "data", tmp_path / "out2", **{
             "SOLVER.MAX_ITER": 2, "DATASETS.TEST": "()", "DATASETS.TRAIN": f"('{name}',)"}))

@@ -110,9 +110,15 @@ def build_positional_train_loader(
     seed: int,
     start_iter: int = 0,
     num_workers: int = 0,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
 ) -> DataLoader:
-    """Per-rank DataLoader yielding lists of ``total_batch_size / world_size`` mapped records."""
-    world = comm.get_world_size()
+    """Per-rank DataLoader yielding lists of ``total_batch_size / world_size`` mapped records.
+
+    ``rank`` / ``world_size`` default to the process group's (a single process: 0 / 1).
+    """
+    world = comm.get_world_size() if world_size is None else world_size
+    rank = comm.get_rank() if rank is None else rank
     if total_batch_size % world != 0:
         raise ValueError(
             f"SOLVER.IMS_PER_BATCH ({total_batch_size}) must be divisible by the number of processes ({world})"
@@ -124,7 +130,7 @@ def build_positional_train_loader(
         batch_size=per_rank,
         seed=seed,
         start_position=start_iter * total_batch_size,
-        rank=comm.get_rank(),
+        rank=rank,
         world_size=world,
     )
     return DataLoader(

@@ -2,7 +2,8 @@
 
 Differences from DefaultTrainer: the positional (exactly resumable) training stream,
 AdamW parameter groups with full-model clipping, COCO evaluation without the C++ COCOeval,
-and RNG states in the checkpoint.
+RNG states in the checkpoint, and the optional box-crop pretraining of the backbone
+(MODEL.BACKBONE_PRETRAIN) on a fresh start.
 """
 import logging
 import os
@@ -18,6 +19,7 @@ from detectron2.utils.env import seed_all_rng
 
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
+from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone, load_pretrained_backbone
 from .optimizer import build_optimizer
 
 logger = logging.getLogger(__name__)
@@ -37,6 +39,7 @@ class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         # seed before the model is built so that two runs of one config start identically
         seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
+        check_pretrain_config(cfg)
         super().__init__(cfg)
 
     @classmethod
@@ -77,6 +80,9 @@ class Trainer(DefaultTrainer):
         return build_optimizer(cfg, model)
 
     def resume_or_load(self, resume=True):
+        if self.cfg.MODEL.BACKBONE_PRETRAIN.ENABLED and not (resume and self.checkpointer.has_checkpoint()):
+            # a fresh start: the backbone begins from the box-crop pretraining (MODEL.WEIGHTS is "")
+            load_pretrained_backbone(self.model, ensure_pretrained_backbone(self.cfg))
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
             # continue the data stream exactly where the checkpointed run stopped
