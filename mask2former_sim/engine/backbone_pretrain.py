@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import os
 import random
 import tempfile
@@ -33,12 +34,14 @@ import torch
 import torch.nn.functional as F
 from detectron2.data import get_detection_dataset_dicts
 from detectron2.modeling import build_backbone
+from detectron2.structures import ImageList
 from detectron2.utils import comm
 from torch import nn
 from torchvision.ops import roi_align
 
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, build_lsj_augmentation
+from ..utils.cache import cache_dir
 
 logger = logging.getLogger(__name__)
 
@@ -49,8 +52,7 @@ _PREFIX = "backbone."
 
 def default_cache_dir() -> str:
     """``$MASK2FORMER_SIM_CACHE/pretrained``, else ``~/.cache/mask2former_sim/pretrained``."""
-    base = os.environ.get("MASK2FORMER_SIM_CACHE") or os.path.join("~", ".cache", "mask2former_sim")
-    return os.path.join(os.path.abspath(os.path.expanduser(base)), "pretrained")
+    return cache_dir("pretrained")
 
 
 def check_pretrain_config(cfg) -> None:
@@ -165,20 +167,22 @@ def _box_only_mapper(cfg) -> BoxSupDatasetMapper:
 
 
 def _batch_crops(batch: List[Dict], cfg, generator: torch.Generator, device) -> tuple:
-    """Normalised crops (N, 3, S, S) and labels (N,) of every box of a mapped batch."""
+    """Normalised crops (N, 3, S, S) and labels (N,) of every box of a mapped batch, cut by
+    one RoIAlign over the batch (images zero-padded, after normalisation, to a common size)."""
     bp = cfg.MODEL.BACKBONE_PRETRAIN
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(3, 1, 1)
-    crops, labels = [], []
-    for record in batch:
-        image = record["image"].to(device).float()
-        if cfg.INPUT.FORMAT == "BGR":
-            image = image.flip(0)
-        inst = record["instances"]
-        windows = crop_windows(inst.gt_boxes.tensor, tuple(bp.CONTEXT), bp.JITTER, generator).to(device)
-        crops.append(roi_align(((image - mean) / std)[None], [windows], bp.CROP_SIZE, 1.0, 2, True))
-        labels.append(inst.gt_classes.to(device))
-    return torch.cat(crops), torch.cat(labels)
+    images = [r["image"].to(device).float() for r in batch]
+    if cfg.INPUT.FORMAT == "BGR":
+        images = [im.flip(0) for im in images]
+    padded = ImageList.from_tensors([(im - mean) / std for im in images]).tensor
+    windows = [
+        crop_windows(r["instances"].gt_boxes.tensor, tuple(bp.CONTEXT), bp.JITTER, generator).to(device)
+        for r in batch  # per image: the generator's draws follow the image order
+    ]
+    crops = roi_align(padded, windows, bp.CROP_SIZE, 1.0, 2, True)
+    labels = torch.cat([r["instances"].gt_classes for r in batch]).to(device)
+    return crops, labels
 
 
 def pretrain_backbone(cfg, records: Optional[Sequence[Dict]] = None) -> Dict:
@@ -199,33 +203,44 @@ def pretrain_backbone(cfg, records: Optional[Sequence[Dict]] = None) -> Dict:
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=bp.BASE_LR, total_steps=bp.ITERS, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
-    recent_loss, recent_acc = [], []
+    log_period = 100
+    # sums over the current log window stay on the device: one host sync per window
+    window = torch.zeros(3, device=device)  # loss sum, correct crops, crops
+    window_iters = 0
+    final_loss = final_acc = float("nan")
     for it, batch in zip(range(bp.ITERS), loader):
         crops, labels = _batch_crops(batch, cfg, generator, device)
         logits = net(crops)
         loss = F.cross_entropy(logits, labels)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"backbone pretraining: loss is {loss.item()} at iteration {it}")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
-        recent_loss.append(loss.item())
-        recent_acc.append((logits.argmax(1) == labels).float().mean().item())
-        recent_loss, recent_acc = recent_loss[-50:], recent_acc[-50:]
+        with torch.no_grad():
+            window += torch.stack([loss.detach(), (logits.argmax(1) == labels).sum().float(),
+                                   torch.tensor(float(labels.numel()), device=device)])
+        window_iters += 1
         done = it + 1
-        if done % 100 == 0 or done == bp.ITERS:
+        if done % log_period == 0 or done == bp.ITERS:
+            loss_sum, correct, count = window.tolist()
+            if not math.isfinite(loss_sum):
+                raise FloatingPointError(
+                    f"backbone pretraining: non-finite loss in iterations {done - window_iters + 1}-{done}"
+                )
+            final_loss, final_acc = loss_sum / window_iters, correct / max(count, 1.0)
             elapsed = time.perf_counter() - start
             logger.info(
-                "backbone pretraining: iter %d/%d  loss %.3f  crop accuracy %.3f (last %d)  eta %s",
-                done, bp.ITERS, np.mean(recent_loss), np.mean(recent_acc), len(recent_acc),
+                "backbone pretraining: iter %d/%d  loss %.3f  crop accuracy %.3f (last %d iterations)  eta %s",
+                done, bp.ITERS, final_loss, final_acc, window_iters,
                 time.strftime("%M:%S", time.gmtime(elapsed / done * (bp.ITERS - done))),
             )
+            window.zero_()
+            window_iters = 0
     stats = {
         "fingerprint": pretrain_fingerprint(cfg, records),
         "iters": int(bp.ITERS),
-        "final_loss": float(np.mean(recent_loss)),
-        "final_crop_accuracy": float(np.mean(recent_acc)),
+        "final_loss": final_loss,
+        "final_crop_accuracy": final_acc,
         "seconds": float(time.perf_counter() - start),
     }
     state = {_PREFIX + k: v.detach().cpu() for k, v in net.backbone.state_dict().items()}
