@@ -111,6 +111,9 @@ def add_sim_config(cfg):
     # upper bound (GT masks loaded, point-sampled mask loss, mask-cost matcher).
     bs.FULL_MASK_SUPERVISION = False
     bs.MASK_STRIDE = 4  # grid of pred_masks relative to the input
+    # Grid of the box-only matcher cost and the projection / pairwise losses. A divisor of
+    # MASK_STRIDE; below it, pred_masks are upsampled bilinearly first (small-image configs).
+    bs.LOSS_STRIDE = 4
     bs.MATCHER_CLASS_WEIGHT = 2.0
     bs.MATCHER_PROJ_WEIGHT = 5.0
     bs.PROJECTION_WEIGHT = 5.0

@@ -317,3 +317,86 @@ def test_num_masks_all_reduced_across_processes(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     # (3 + 0) / world size 2 on both ranks; a rank with no GT still joins the all-reduce
     assert [float((tmp_path / f"num_masks.{r}").read_text()) for r in (0, 1)] == [1.5, 1.5]
+
+
+# ---------------------------------------------------------------- LOSS_STRIDE (finer loss grid)
+def _outline_scene():
+    """A 48 px image: a flat square object on a flat background whose edges cut stride-4 cells.
+
+    Returns the image info, the target and two stride-4 logit maps: the hollow outline (the
+    cells the object only partly covers) and the filled object.
+    """
+    size = 48
+    obj = torch.zeros(size, size)
+    obj[10:38, 10:38] = 1.0
+    background = torch.tensor([40.0, 160.0, 60.0]).view(1, 3, 1, 1)
+    colour = torch.tensor([200.0, 40.0, 200.0]).view(1, 3, 1, 1)
+    images = background * (1 - obj) + colour * obj
+    info = {"images": images, "valid": torch.ones(1, size, size, dtype=torch.bool)}
+    target = [{"labels": torch.tensor([0]), "boxes": torch.tensor([[10.0, 10.0, 38.0, 38.0]])}]
+    frac = F.avg_pool2d(obj[None, None], STRIDE)[0, 0]
+    outline = torch.where((frac > 0) & (frac < 1), 6.0, -6.0)
+    filled = torch.where(frac > 0, 6.0, -6.0)
+    return info, target, outline, filled
+
+
+def _single_query_outputs(mask_logits):
+    logits = torch.tensor([[[5.0, -5.0, -5.0, -5.0]]])
+    return {"pred_logits": logits, "pred_masks": mask_logits[None, None].clone()}
+
+
+def _box_losses(loss_stride, mask_logits, info, target):
+    crit = BoxSupSetCriterion(
+        K, HungarianMatcher(stride=loss_stride), WEIGHTS, stride=STRIDE, loss_stride=loss_stride,
+        pairwise_warmup_iters=0, deep_supervision=False,
+    )
+    losses = crit(_single_query_outputs(mask_logits), target, info, iteration=0)
+    return float(losses["loss_proj"]), float(losses["loss_pairwise"])
+
+
+def test_stride4_box_losses_cannot_tell_an_outline_from_the_filled_object():
+    info, target, outline, filled = _outline_scene()
+    assert _box_losses(STRIDE, outline, info, target) == pytest.approx(
+        _box_losses(STRIDE, filled, info, target), rel=1e-3, abs=1e-5
+    )
+
+
+@pytest.mark.parametrize("loss_stride", [2, 1])
+def test_finer_loss_grid_penalises_the_hollow_outline(loss_stride):
+    info, target, outline, filled = _outline_scene()
+    proj_o, pair_o = _box_losses(loss_stride, outline, info, target)
+    proj_f, pair_f = _box_losses(loss_stride, filled, info, target)
+    assert pair_f < 0.01 and pair_o > 0.3 and pair_o > 30 * pair_f
+    assert proj_f <= proj_o + 1e-6
+
+
+def test_loss_stride_upsamples_every_output_before_matching_and_losses():
+    crit = box_criterion(loss_stride=1)
+    outputs = make_outputs(2, num_aux=2)
+    targets = make_targets(2)
+    info = make_info(2)
+    losses, indices = crit(outputs, targets, info, iteration=100, return_indices=True)
+
+    # the same losses by hand: upsample, then a stride-1 criterion on the upsampled maps
+    def up(out):
+        masks = F.interpolate(out["pred_masks"], scale_factor=STRIDE, mode="bilinear", align_corners=False)
+        return {"pred_logits": out["pred_logits"], "pred_masks": masks}
+
+    fine = up(outputs)
+    fine["aux_outputs"] = [up(a) for a in outputs["aux_outputs"]]
+    ref = BoxSupSetCriterion(K, HungarianMatcher(stride=1), WEIGHTS, stride=1, pairwise_warmup_iters=100)
+    ref_losses, ref_indices = ref(fine, targets, info, iteration=100, return_indices=True)
+    assert set(losses) == set(ref_losses)
+    for key in losses:
+        assert torch.allclose(losses[key], ref_losses[key], atol=1e-6), key
+    for mine, theirs in zip(indices, ref_indices):
+        for (q1, g1), (q2, g2) in zip(mine, theirs):
+            assert q1.tolist() == q2.tolist() and g1.tolist() == g2.tolist()
+    sum(losses.values()).backward()
+    assert outputs["pred_masks"].grad is not None and outputs["pred_masks"].grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("bad", [3, 0, 8])
+def test_loss_stride_must_divide_the_mask_stride(bad):
+    with pytest.raises(ValueError, match="LOSS_STRIDE"):
+        box_criterion(loss_stride=bad)

@@ -6,6 +6,14 @@ point-sampled mask CE and dice, matched on mask costs (the fully supervised uppe
 Every decoder output is matched and supervised (deep supervision); the losses of aux output
 i carry the suffix ``_{i}``. Returned losses are already weighted: their sum is the loss.
 Box mode never reads ``targets[i]["masks"]``.
+
+``pred_masks`` lie on the ``stride`` grid of the input. With ``loss_stride < stride`` they
+are first upsampled bilinearly (factor ``stride // loss_stride``) and everything (matching,
+box indicators, colour affinities, valid mask) works on the finer ``loss_stride`` grid. On
+small inputs a stride-4 cell is a large part of an object, and the pooled colour of the
+cells on its outline differs from both the object and the background; the pairwise loss
+then links neither side to the outline, and a hollow outline satisfies both box losses
+(docs/BENCHMARKS.md). The finer grid removes that escape.
 """
 from __future__ import annotations
 
@@ -45,6 +53,7 @@ class BoxSupSetCriterion(nn.Module):
         eos_coef: float = 0.1,
         losses: Sequence[str] = ("labels", "projection", "pairwise"),
         stride: int = 4,
+        loss_stride: Optional[int] = None,
         pairwise_size: int = 3,
         pairwise_dilation: int = 2,
         pairwise_theta: float = 2.0,
@@ -75,6 +84,11 @@ class BoxSupSetCriterion(nn.Module):
         self.eos_coef = float(eos_coef)
         self.losses = losses
         self.stride = int(stride)
+        self.loss_stride = self.stride if loss_stride is None else int(loss_stride)
+        if self.loss_stride < 1 or self.stride % self.loss_stride:
+            raise ValueError(
+                f"loss_stride (MODEL.BOXSUP.LOSS_STRIDE) must be a positive divisor of the mask stride {self.stride}, got {loss_stride!r}"
+            )
         self.pairwise_size = int(pairwise_size)
         self.pairwise_dilation = int(pairwise_dilation)
         self.pairwise_theta = float(pairwise_theta)
@@ -101,7 +115,7 @@ class BoxSupSetCriterion(nn.Module):
             cost_dice=mf.DICE_WEIGHT,
             mode="mask" if full else "box",
             num_points=mf.TRAIN_NUM_POINTS,
-            stride=bs.MASK_STRIDE,
+            stride=bs.LOSS_STRIDE,
             dice_eps=bs.DICE_EPS,
         )
         weight_dict = {
@@ -118,6 +132,7 @@ class BoxSupSetCriterion(nn.Module):
             eos_coef=mf.NO_OBJECT_WEIGHT,
             losses=("labels", "masks") if full else ("labels", "projection", "pairwise"),
             stride=bs.MASK_STRIDE,
+            loss_stride=bs.LOSS_STRIDE,
             pairwise_size=bs.PAIRWISE_SIZE,
             pairwise_dilation=bs.PAIRWISE_DILATION,
             pairwise_theta=bs.PAIRWISE_THETA,
@@ -214,7 +229,7 @@ class BoxSupSetCriterion(nn.Module):
                     raise ValueError(
                         f"targets[{b}]['boxes'] must be ({len(labels)}, 4) XYXY, got {tuple(boxes.shape)}"
                     )
-                bm = boxes_to_grid_masks(boxes, grid_hw, self.stride)
+                bm = boxes_to_grid_masks(boxes, grid_hw, self.loss_stride)
             entry = {"labels": labels, "box_masks": bm}
             if boxes is not None:
                 entry["boxes"] = boxes
@@ -230,7 +245,7 @@ class BoxSupSetCriterion(nn.Module):
             if masks.ndim != 3 or masks.shape[0] != len(t["labels"]) or tuple(masks.shape[-2:]) != tuple(full_hw):
                 raise ValueError(
                     f"targets[{b}]['masks'] must be ({len(t['labels'])}, {full_hw[0]}, {full_hw[1]}) "
-                    f"(padded input size = stride x mask grid), got {tuple(masks.shape)}"
+                    f"(padded input size = loss stride x mask grid), got {tuple(masks.shape)}"
                 )
             entry = dict(t)
             entry["labels"] = t["labels"].to(device=device, dtype=torch.long)
@@ -242,11 +257,11 @@ class BoxSupSetCriterion(nn.Module):
         if image_info is None or "images" not in image_info or "valid" not in image_info:
             raise ValueError("the pairwise loss needs image_info with 'images' and 'valid'")
         images, valid = image_info["images"], image_info["valid"]
-        full_hw = (grid_hw[0] * self.stride, grid_hw[1] * self.stride)
+        full_hw = (grid_hw[0] * self.loss_stride, grid_hw[1] * self.loss_stride)
         if images.ndim != 4 or tuple(images.shape) != (batch, 3, *full_hw):
             raise ValueError(
                 f"image_info['images'] must be ({batch}, 3, {full_hw[0]}, {full_hw[1]}) "
-                f"(stride {self.stride} x mask grid), got {tuple(images.shape)}"
+                f"(loss stride {self.loss_stride} x loss grid), got {tuple(images.shape)}"
             )
         if tuple(valid.shape) != (batch, *full_hw):
             raise ValueError(
@@ -255,12 +270,12 @@ class BoxSupSetCriterion(nn.Module):
         with torch.no_grad():
             similarity = images_to_color_similarity(
                 images.to(device),
-                self.stride,
+                self.loss_stride,
                 self.pairwise_size,
                 self.pairwise_dilation,
                 self.pairwise_theta,
             )
-            valid_grid = downsample_valid(valid.to(device), self.stride)
+            valid_grid = downsample_valid(valid.to(device), self.loss_stride)
         return similarity, valid_grid
 
     @staticmethod
@@ -268,6 +283,29 @@ class BoxSupSetCriterion(nn.Module):
         batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
         src_idx = torch.cat([src for src, _ in indices])
         return batch_idx.to(device), src_idx.to(device)
+
+    @property
+    def loss_grid_factor(self) -> int:
+        """How many loss-grid cells per ``pred_masks`` cell along each side."""
+        return self.stride // self.loss_stride
+
+    def _to_loss_grid(self, masks: torch.Tensor) -> torch.Tensor:
+        """(..., Hm, Wm) mask logits -> (..., Hm*f, Wm*f), bilinear; unchanged when f = 1."""
+        factor = self.loss_grid_factor
+        if factor == 1:
+            return masks
+        lead = masks.shape[:-2]
+        flat = masks.reshape(-1, 1, *masks.shape[-2:])
+        fine = F.interpolate(flat, scale_factor=factor, mode="bilinear", align_corners=False)
+        return fine.reshape(*lead, *fine.shape[-2:])
+
+    def _match(self, out: Mapping, targets) -> Indices:
+        """Hungarian matching of one decoder output on the loss grid (no gradient needed)."""
+        if self.loss_grid_factor == 1:
+            return self.matcher(out, targets)
+        with torch.no_grad():
+            fine = {"pred_logits": out["pred_logits"], "pred_masks": self._to_loss_grid(out["pred_masks"].detach())}
+        return self.matcher(fine, targets)
 
     # ------------------------------------------------------------------ losses
     def loss_labels(self, out: Mapping, targets, indices: Indices) -> Dict[str, torch.Tensor]:
@@ -284,9 +322,10 @@ class BoxSupSetCriterion(nn.Module):
     def _matched(self, out: Mapping, targets, indices: Indices, key: str):
         masks = out["pred_masks"]
         batch_idx, src_idx = self._flat_indices(indices, masks.device)
-        src = masks[batch_idx, src_idx].to(torch.float32)
+        # only the matched masks are upsampled to the loss grid (and back-propagated through)
+        src = self._to_loss_grid(masks[batch_idx, src_idx].to(torch.float32))
         parts = [t[key][j.to(t[key].device)] for t, (_, j) in zip(targets, indices)]
-        tgt = torch.cat(parts) if parts else masks.new_zeros((0, *masks.shape[-2:]))
+        tgt = torch.cat(parts) if parts else masks.new_zeros((0, *src.shape[-2:]))
         return src, tgt, batch_idx
 
     def loss_projection(self, out, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
@@ -356,8 +395,8 @@ class BoxSupSetCriterion(nn.Module):
         self._check_label_range(targets)
         logits, masks = outputs["pred_logits"], outputs["pred_masks"]
         device = logits.device
-        grid_hw = tuple(masks.shape[-2:])
-        full_hw = (grid_hw[0] * self.stride, grid_hw[1] * self.stride)
+        grid_hw = tuple(n * self.loss_grid_factor for n in masks.shape[-2:])
+        full_hw = (grid_hw[0] * self.loss_stride, grid_hw[1] * self.loss_stride)
         num_masks = self._num_masks(targets, device)
 
         if self.uses_masks:
@@ -383,7 +422,7 @@ class BoxSupSetCriterion(nn.Module):
         all_indices: List[Indices] = []
         with torch.autocast(device_type=device.type, enabled=False):
             for suffix, out in decoder_outputs:
-                indices = self.matcher(out, prepared)
+                indices = self._match(out, prepared)
                 all_indices.append(indices)
                 for key, value in self._output_losses(out, prepared, indices, num_masks, context, ramp).items():
                     losses[key + suffix] = value
