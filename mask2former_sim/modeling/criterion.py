@@ -328,14 +328,14 @@ class BoxSupSetCriterion(nn.Module):
         tgt = torch.cat(parts) if parts else masks.new_zeros((0, *src.shape[-2:]))
         return src, tgt, batch_idx
 
-    def loss_projection(self, out, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
-        src, box_masks, _ = self._matched(out, targets, indices, "box_masks")
+    def loss_projection(self, matched, num_masks) -> Dict[str, torch.Tensor]:
+        src, box_masks, _ = matched
         loss = projection_loss(src.sigmoid(), box_masks.to(src.device), self.dice_eps).sum() / num_masks
         return {"loss_proj": loss}
 
-    def loss_pairwise(self, out, targets, indices, context) -> Dict[str, torch.Tensor]:
+    def loss_pairwise(self, matched, context) -> Dict[str, torch.Tensor]:
         similarity, valid_grid = context
-        src, box_masks, batch_idx = self._matched(out, targets, indices, "box_masks")
+        src, box_masks, batch_idx = matched
         loss = pairwise_loss(
             src,
             similarity[batch_idx],
@@ -364,10 +364,13 @@ class BoxSupSetCriterion(nn.Module):
         raw: Dict[str, torch.Tensor] = {}
         if "labels" in self.losses:
             raw.update(self.loss_labels(out, targets, indices))
-        if "projection" in self.losses:
-            raw.update(self.loss_projection(out, targets, indices, num_masks))
-        if "pairwise" in self.losses:
-            raw.update(self.loss_pairwise(out, targets, indices, context))
+        if "projection" in self.losses or "pairwise" in self.losses:
+            # gathered (and upsampled to the loss grid) once for both box losses
+            box_matched = self._matched(out, targets, indices, "box_masks")
+            if "projection" in self.losses:
+                raw.update(self.loss_projection(box_matched, num_masks))
+            if "pairwise" in self.losses:
+                raw.update(self.loss_pairwise(box_matched, context))
         if "masks" in self.losses:
             raw.update(self.loss_masks(out, targets, indices, num_masks))
         weighted = {k: v * self.weight_dict[k] for k, v in raw.items()}
