@@ -148,3 +148,20 @@ def test_trainer_starts_from_the_pretrained_backbone_cached_or_not(tmp_path):
     # the same config again, now from the cache: identical training (random states preserved)
     _, cached = _first_losses(build_cfg(BOXINST, pretrain_opts(tmp_path, out="b", **opts)))
     assert rec.losses == cached and len(cached) == 2
+
+
+def test_command_line_logs_progress_and_prints_the_checkpoint_last(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    opts = pretrain_opts(tmp_path, **{"MODEL.BACKBONE_PRETRAIN.ITERS": 2})
+    cmd = [sys.executable, "-m", "mask2former_sim.engine.backbone_pretrain", "--config-file", BOXINST, *opts]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert os.path.isfile(result["path"]) and result["iters"] == 2
+    assert result["path"].startswith(str(tmp_path / "cache"))
+    # progress goes to the project's logger also when the module runs as __main__
+    assert "backbone pretraining: iter 2/2" in done.stdout + done.stderr

@@ -43,7 +43,7 @@ from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, build_lsj_augmentation
 from ..utils.cache import cache_dir
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("mask2former_sim.engine.backbone_pretrain")  # not __name__: "__main__" under -m
 
 # Bump when a change here changes the weights a given config produces: caches are rebuilt.
 PRETRAIN_VERSION = 1
