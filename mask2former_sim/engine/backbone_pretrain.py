@@ -199,7 +199,7 @@ def pretrain_backbone(cfg, records: Optional[Sequence[Dict]] = None) -> Dict:
         records, _box_only_mapper(cfg), total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
         seed=seed, num_workers=cfg.DATALOADER.NUM_WORKERS, rank=0, world_size=1,  # main process only
     )
-    optimizer = torch.optim.AdamW(net.parameters(), lr=bp.BASE_LR, weight_decay=bp.WEIGHT_DECAY)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=bp.BASE_LR, weight_decay=bp.WEIGHT_DECAY, foreach=True)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=bp.BASE_LR, total_steps=bp.ITERS, pct_start=0.1)
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
