@@ -141,8 +141,9 @@ def test_pairwise_ramp_and_value():
     assert crit(outputs, targets, info, 100)["loss_pairwise"].item() == 0.0
 
 
-def test_zero_gt_batch_is_finite_and_backpropagates():
-    crit = box_criterion()
+@pytest.mark.parametrize("loss_stride", [STRIDE, 2])
+def test_zero_gt_batch_is_finite_and_backpropagates(loss_stride):
+    crit = box_criterion(loss_stride=loss_stride)
     outputs = make_outputs(2)
     targets = [{"labels": torch.zeros(0, dtype=torch.long), "boxes": torch.zeros(0, 4)} for _ in range(2)]
     losses = crit(outputs, targets, make_info(2), 500)
