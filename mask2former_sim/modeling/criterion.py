@@ -303,8 +303,8 @@ class BoxSupSetCriterion(nn.Module):
         """Hungarian matching of one decoder output on the loss grid (no gradient needed)."""
         if self.loss_grid_factor == 1:
             return self.matcher(out, targets)
-        with torch.no_grad():
-            fine = {"pred_logits": out["pred_logits"], "pred_masks": self._to_loss_grid(out["pred_masks"].detach())}
+        with torch.no_grad():  # the matcher is no_grad itself; so is the upsampling for it
+            fine = {"pred_logits": out["pred_logits"], "pred_masks": self._to_loss_grid(out["pred_masks"])}
         return self.matcher(fine, targets)
 
     # ------------------------------------------------------------------ losses
