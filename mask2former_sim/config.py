@@ -71,6 +71,9 @@ def add_maskformer2_config(cfg):
     ph = cfg.MODEL.SEM_SEG_HEAD
     ph.NAME = "MaskFormerHead"
     ph.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # -1: the number of categories of DATASETS.TRAIN[0] (resolved by engine.setup.build_cfg
+    # before the config is frozen). Any other value must equal the training sets' category
+    # count (checked at set-up; the error names both numbers and the dataset).
     ph.NUM_CLASSES = 80
     ph.CONVS_DIM = 256
     ph.MASK_DIM = 256
@@ -128,7 +131,10 @@ def add_sim_config(cfg):
     cfg.MODEL.SIM = CN()
     sim = cfg.MODEL.SIM
     sim.ENABLED = False  # pseudo-mask loss, prototypes, teacher
+    # the pseudo-mask loss (Eq.8) is active from this trainer iteration on (10k of the paper's
+    # 368,750; scale it with the schedule). Teacher and prototypes run from iteration 0.
     sim.WARMUP_ITERS = 10000
+    sim.PSEUDO_LOSS = True  # ablation: False trains without the pseudo-mask loss
     # prototypes (Eq.1-5)
     sim.NUM_PROTOTYPES = 10
     sim.PROTO_TEMPERATURE = 1.0
@@ -136,6 +142,7 @@ def add_sim_config(cfg):
     sim.PROTO_PIXEL_THRESH = 0.7
     sim.SINKHORN_EPS = 0.05
     sim.SINKHORN_ITERS = 3
+    sim.PROTO_SEED = 0  # seed of the random unit-vector initialisation (identical on every rank)
     # positives and instance map (Eq.6)
     sim.IOU_GAMMA = 5.0
     sim.NUM_EXTRA_POSITIVES = 0
@@ -185,6 +192,14 @@ def add_sim_config(cfg):
     sy.SEED = 0
     sy.NUM_TRAIN = 600
     sy.NUM_VAL = 100
+
+    # Your own COCO-format jsons, registered by name from the config alone:
+    #   COCO_JSONS: [["my_train", "ann/train.json", "images/train", "boxes"],
+    #                ["my_val", "ann/val.json", "images/val", "masks"]]
+    # [name, json file, image root, kind]; kind "boxes" registers box-only (segmentation is
+    # never read: training), "masks" with masks (evaluation; the fully supervised upper bound).
+    # Relative paths are taken from the working directory. Names may not shadow built-in ones.
+    cfg.DATASETS.COCO_JSONS = []
 
 
 def get_default_cfg():

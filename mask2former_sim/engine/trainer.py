@@ -3,7 +3,8 @@
 Differences from DefaultTrainer: the positional (exactly resumable) training stream,
 AdamW parameter groups with full-model clipping, COCO evaluation without the C++ COCOeval,
 RNG states in the checkpoint, and the optional box-crop pretraining of the backbone
-(MODEL.BACKBONE_PRETRAIN) on a fresh start.
+(MODEL.BACKBONE_PRETRAIN) on a fresh start, and SIM's EMA teacher (engine/sim_hooks.py):
+attached after the weights are loaded, updated after every step, saved in checkpoints.
 """
 import logging
 import os
@@ -12,15 +13,18 @@ import random
 import numpy as np
 import torch
 
+from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
+from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
 from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone, load_pretrained_backbone
 from .optimizer import build_optimizer
+from .sim_hooks import TEACHER_KEY, TeacherEMAHook, attach_teacher, load_teacher_for_evaluation, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -37,10 +41,42 @@ def _numpy_state_from_plain(state):
 
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
+        # SOLVER.REFERENCE_WORLD_SIZE: scaled here (DefaultTrainer's own call then finds nothing to
+        # do), so that self.cfg, the loaders, hooks, model and pretraining all see the scaled cfg
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         # seed before the model is built so that two runs of one config start identically
         seed_all_rng(cfg.SEED if cfg.SEED >= 0 else None)
         check_pretrain_config(cfg)
+        self._pending_teacher_state = None
         super().__init__(cfg)
+
+    @staticmethod
+    def auto_scale_workers(cfg, num_workers: int):
+        """detectron2's scaling for a world size other than SOLVER.REFERENCE_WORLD_SIZE (batch and
+        BASE_LR x s, MAX_ITER, STEPS, WARMUP_ITERS, CHECKPOINT_PERIOD, EVAL_PERIOD / s, with
+        s = num_workers / REFERENCE_WORLD_SIZE), plus this project's schedules counted in
+        iterations of that batch: MODEL.BOXSUP.PAIRWISE_WARMUP_ITERS, MODEL.SIM.WARMUP_ITERS and
+        the backbone pretraining (BACKBONE_PRETRAIN.ITERS / s, BACKBONE_PRETRAIN.BASE_LR x s)."""
+        reference = cfg.SOLVER.REFERENCE_WORLD_SIZE
+        scaled = DefaultTrainer.auto_scale_workers(cfg, num_workers)
+        if scaled is cfg:
+            return cfg
+        s = num_workers / reference
+        frozen = scaled.is_frozen()
+        scaled.defrost()
+        m = scaled.MODEL
+        m.BOXSUP.PAIRWISE_WARMUP_ITERS = int(round(m.BOXSUP.PAIRWISE_WARMUP_ITERS / s))
+        m.SIM.WARMUP_ITERS = int(round(m.SIM.WARMUP_ITERS / s))
+        m.BACKBONE_PRETRAIN.ITERS = max(1, int(round(m.BACKBONE_PRETRAIN.ITERS / s)))
+        m.BACKBONE_PRETRAIN.BASE_LR = m.BACKBONE_PRETRAIN.BASE_LR * s
+        if frozen:
+            scaled.freeze()
+        logger.info(
+            "Auto-scaled from %d to %d workers: pairwise warm-up %d, SIM warm-up %d, backbone pretraining "
+            "%d iterations at peak LR %g", reference, num_workers, m.BOXSUP.PAIRWISE_WARMUP_ITERS,
+            m.SIM.WARMUP_ITERS, m.BACKBONE_PRETRAIN.ITERS, m.BACKBONE_PRETRAIN.BASE_LR,
+        )
+        return scaled
 
     @classmethod
     def build_train_loader(cls, cfg, start_iter: int = 0):
@@ -79,11 +115,31 @@ class Trainer(DefaultTrainer):
     def build_optimizer(cls, cfg, model):
         return build_optimizer(cfg, model)
 
+    @classmethod
+    def load_for_evaluation(cls, cfg, model, resume: bool = False) -> None:
+        """--eval-only: MODEL.WEIGHTS (or OUTPUT_DIR/last_checkpoint with resume) into ``model``;
+        with MODEL.MASK_FORMER.TEST.EVAL_TEACHER also the SIM teacher saved in that checkpoint."""
+        extra = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        if cfg.MODEL.MASK_FORMER.TEST.EVAL_TEACHER:
+            load_teacher_for_evaluation(model, extra or {}, cfg.MODEL.WEIGHTS or cfg.OUTPUT_DIR)
+
+    def build_hooks(self):
+        hooks = super().build_hooks()
+        if self.cfg.MODEL.SIM.ENABLED:
+            # before the checkpointer: the checkpoint of iteration i holds the teacher after step i
+            at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicCheckpointer"), len(hooks))
+            hooks.insert(at, TeacherEMAHook())
+        return hooks
+
     def resume_or_load(self, resume=True):
         if self.cfg.MODEL.BACKBONE_PRETRAIN.ENABLED and not (resume and self.checkpointer.has_checkpoint()):
             # a fresh start: the backbone begins from the box-crop pretraining (MODEL.WEIGHTS is "")
             load_pretrained_backbone(self.model, ensure_pretrained_backbone(self.cfg))
         super().resume_or_load(resume=resume)
+        if self.cfg.MODEL.SIM.ENABLED:
+            # after every weight source is in place (pretraining, MODEL.WEIGHTS or the checkpoint)
+            attach_teacher(self.model, self._pending_teacher_state)
+            self._pending_teacher_state = None
         if self.start_iter > 0:
             # continue the data stream exactly where the checkpointed run stopped
             loader = self._trainer.data_loader
@@ -102,10 +158,19 @@ class Trainer(DefaultTrainer):
             "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         }
+        teacher = unwrap(self.model).teacher
+        if teacher is not None:
+            state[TEACHER_KEY] = teacher.state_dict()
         return state
 
     def load_state_dict(self, state_dict):
         super().load_state_dict(state_dict)
+        if self.cfg.MODEL.SIM.ENABLED:
+            if TEACHER_KEY in state_dict:
+                # the teacher is attached after loading (resume_or_load): keep its state until then
+                self._pending_teacher_state = state_dict[TEACHER_KEY]
+            else:
+                logger.warning("checkpoint has no SIM teacher: it restarts from the loaded student")
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

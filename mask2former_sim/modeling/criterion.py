@@ -3,20 +3,34 @@
 Box mode (METHOD.md §1): classification CE + projection loss + colour pairwise loss,
 matched with the box-projection Hungarian matcher. Full mode: classification CE +
 point-sampled mask CE and dice, matched on mask costs (the fully supervised upper bound).
+SIM (METHOD.md §2, §4): box mode plus the pseudo-mask loss on targets built from the EMA
+teacher's outputs (``mask2former_sim/sim/pseudo_labeler.py``).
 Every decoder output is matched and supervised (deep supervision); the losses of aux output
 i carry the suffix ``_{i}``. Returned losses are already weighted: their sum is the loss.
 Box mode never reads ``targets[i]["masks"]``.
 
+One call runs in three steps, because SIM's instance map of a GT needs the matches of
+*every* decoder output before any pseudo target exists:
+
+1. ``prepare``: targets once per step, in GT order (all GTs of image 0, then image 1, ...):
+   labels, box masks on the loss grid, boxes, the valid grid and the pairwise edge weights
+   (they depend on the image and the box only, so they are the same at every output);
+2. ``match``: every decoder output, into GT-ordered device tensors (``query_of_gt``,
+   (L+1, G)) plus the flat (image, query, GT) triples of each output, moved to the device
+   in one transfer;
+3. the losses of each output (and, with SIM, the pseudo targets built once from step 2).
+
 ``pred_masks`` lie on the ``stride`` grid of the input. With ``loss_stride < stride`` they
 are first upsampled bilinearly (factor ``stride // loss_stride``) and everything (matching,
-box indicators, colour affinities, valid mask) works on the finer ``loss_stride`` grid. On
-small inputs a stride-4 cell is a large part of an object, and the pooled colour of the
-cells on its outline differs from both the object and the background; the pairwise loss
-then links neither side to the outline, and a hollow outline satisfies both box losses
-(docs/BENCHMARKS.md). The finer grid removes that escape.
+box indicators, colour affinities, valid mask, pseudo targets) works on the finer
+``loss_stride`` grid. On small inputs a stride-4 cell is a large part of an object, and the
+pooled colour of the cells on its outline differs from both the object and the background;
+the pairwise loss then links neither side to the outline, and a hollow outline satisfies
+both box losses (docs/BENCHMARKS.md). The finer grid removes that escape.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -24,13 +38,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from ..utils.distributed import flagged_ranks, other_rank_error
 from .losses.box_targets import boxes_to_grid_masks, downsample_valid
-from .losses.pairwise import images_to_color_similarity, pairwise_loss
+from .losses.pairwise import images_to_color_similarity, pairwise_edge_weights, pairwise_loss_weighted
 from .losses.point_mask import point_mask_losses
 from .losses.projection import projection_loss
 from .matcher import HungarianMatcher
 
-__all__ = ["BoxSupSetCriterion"]
+__all__ = ["BoxSupSetCriterion", "PreparedTargets", "MatchResult"]
 
 Indices = List[Tuple[torch.Tensor, torch.Tensor]]
 
@@ -39,7 +54,37 @@ _LOSS_KEYS = {
     "projection": ("loss_proj",),
     "pairwise": ("loss_pairwise",),
     "masks": ("loss_mask", "loss_dice"),
+    "pseudo": ("loss_pseudo_bce", "loss_pseudo_dice"),
 }
+
+
+@dataclass
+class PreparedTargets:
+    """Step 1: the targets of one batch, once per step. G = GTs of the whole batch."""
+
+    per_image: List[Dict[str, torch.Tensor]]  # the matcher's view: labels, box_masks[, boxes, masks]
+    labels: torch.Tensor  # (G,) long
+    batch_idx: torch.Tensor  # (G,) image of each GT
+    counts: List[int]  # GTs per image
+    box_masks: torch.Tensor  # (G, H, W) float {0, 1} on the loss grid
+    boxes: Optional[torch.Tensor]  # (G, 4) XYXY padded-input pixels (None when only box masks were given)
+    masks: Optional[torch.Tensor]  # (G, Hp, Wp) full supervision only
+    grid_hw: Tuple[int, int]  # loss grid
+    num_masks: float  # GTs per rank, averaged over ranks, >= 1
+    edge_weights: Optional[torch.Tensor]  # (G, K*K-1, H, W) bool, pairwise loss only
+    valid_grid: Optional[torch.Tensor]  # (B, H, W) bool on the loss grid
+    ramp: float  # pairwise warm-up ramp
+
+
+@dataclass
+class MatchResult:
+    """Step 2: Hungarian matches of every decoder output (ordered aux_0 .. aux_{L-1}, final)."""
+
+    indices: List[Indices]  # per output, per image (query ids, GT ids within the image), CPU int64
+    batch_idx: torch.Tensor  # (L+1, M) image of each matched pair, on the device
+    query_idx: torch.Tensor  # (L+1, M) query of each matched pair
+    gt_idx: torch.Tensor  # (L+1, M) GT (index into the batch's G GTs) of each matched pair
+    query_of_gt: torch.Tensor  # (L+1, G) query matched to each GT, -1 where none (more GTs than queries)
 
 
 class BoxSupSetCriterion(nn.Module):
@@ -64,6 +109,7 @@ class BoxSupSetCriterion(nn.Module):
         importance_sample_ratio: float = 0.75,
         dice_eps: float = 1e-5,
         deep_supervision: bool = True,
+        pseudo_labeler: Optional[nn.Module] = None,
     ):
         super().__init__()
         if num_classes < 1:
@@ -78,6 +124,8 @@ class BoxSupSetCriterion(nn.Module):
                     raise ValueError(f"weight_dict lacks {key!r} needed by loss {name!r}")
         if pairwise_warmup_iters < 0:
             raise ValueError(f"pairwise_warmup_iters must be >= 0, got {pairwise_warmup_iters}")
+        if ("pseudo" in losses) != (pseudo_labeler is not None):
+            raise ValueError("the 'pseudo' loss and a pseudo_labeler come together (SIM)")
         self.num_classes = int(num_classes)
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
@@ -99,15 +147,21 @@ class BoxSupSetCriterion(nn.Module):
         self.importance_sample_ratio = float(importance_sample_ratio)
         self.dice_eps = float(dice_eps)
         self.deep_supervision = bool(deep_supervision)
+        self.pseudo_labeler = pseudo_labeler
         empty_weight = torch.ones(self.num_classes + 1)
         empty_weight[-1] = self.eos_coef
         self.register_buffer("empty_weight", empty_weight, persistent=False)
 
     @classmethod
     def from_config(cls, cfg) -> "BoxSupSetCriterion":
-        """Build from MODEL.BOXSUP / MODEL.MASK_FORMER / MODEL.SEM_SEG_HEAD.NUM_CLASSES."""
-        bs, mf = cfg.MODEL.BOXSUP, cfg.MODEL.MASK_FORMER
+        """Build from MODEL.BOXSUP / MODEL.MASK_FORMER / MODEL.SIM / MODEL.SEM_SEG_HEAD.NUM_CLASSES."""
+        bs, mf, sim = cfg.MODEL.BOXSUP, cfg.MODEL.MASK_FORMER, cfg.MODEL.SIM
         full = bool(bs.FULL_MASK_SUPERVISION)
+        if sim.ENABLED and full:
+            raise ValueError(
+                "MODEL.SIM.ENABLED needs box supervision: set MODEL.BOXSUP.FULL_MASK_SUPERVISION False "
+                "(SIM builds pseudo masks because there are no GT masks)"
+            )
         matcher = HungarianMatcher(
             cost_class=bs.MATCHER_CLASS_WEIGHT,
             cost_proj=bs.MATCHER_PROJ_WEIGHT,
@@ -124,13 +178,25 @@ class BoxSupSetCriterion(nn.Module):
             "loss_pairwise": bs.PAIRWISE_WEIGHT,
             "loss_mask": mf.MASK_WEIGHT,
             "loss_dice": mf.DICE_WEIGHT,
+            "loss_pseudo_bce": sim.PSEUDO_WEIGHT * sim.PSEUDO_BCE_WEIGHT,
+            "loss_pseudo_dice": sim.PSEUDO_WEIGHT * sim.PSEUDO_DICE_WEIGHT,
         }
+        losses = ("labels", "masks") if full else ("labels", "projection", "pairwise")
+        pseudo_labeler = None
+        if sim.ENABLED:
+            from ..sim.pseudo_labeler import SIMPseudoLabeler
+
+            pseudo_labeler = SIMPseudoLabeler.from_config(cfg)
+            if sim.PSEUDO_LOSS:
+                losses = losses + ("pseudo",)
+            else:
+                pseudo_labeler = None
         return cls(
             num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             matcher=matcher,
             weight_dict=weight_dict,
             eos_coef=mf.NO_OBJECT_WEIGHT,
-            losses=("labels", "masks") if full else ("labels", "projection", "pairwise"),
+            losses=losses,
             stride=bs.MASK_STRIDE,
             loss_stride=bs.LOSS_STRIDE,
             pairwise_size=bs.PAIRWISE_SIZE,
@@ -143,6 +209,7 @@ class BoxSupSetCriterion(nn.Module):
             importance_sample_ratio=mf.IMPORTANCE_SAMPLE_RATIO,
             dice_eps=bs.DICE_EPS,
             deep_supervision=mf.DEEP_SUPERVISION,
+            pseudo_labeler=pseudo_labeler,
         )
 
     def extra_repr(self) -> str:
@@ -152,6 +219,11 @@ class BoxSupSetCriterion(nn.Module):
     def uses_masks(self) -> bool:
         """True when targets must carry "masks" (full supervision)."""
         return "masks" in self.losses or self.matcher.mode == "mask"
+
+    @property
+    def needs_teacher(self) -> bool:
+        """True when forward() needs the EMA teacher's outputs (SIM)."""
+        return self.pseudo_labeler is not None
 
     # ------------------------------------------------------------------ helpers
     def pairwise_ramp(self, iteration: int) -> float:
@@ -199,17 +271,27 @@ class BoxSupSetCriterion(nn.Module):
                 raise ValueError(f"targets[{b}]['labels'] must be 1-D, got {tuple(labels.shape)}")
 
     def _check_label_range(self, targets: Sequence[Mapping]) -> None:
-        """All class ids in [0, num_classes): one host round trip for the whole batch."""
+        """All class ids in [0, num_classes): one host round trip for the whole batch.
+
+        Every rank reaches the same decision (an all-reduced flag): a rank that raised alone
+        would leave the others waiting in the next all-reduce until the NCCL timeout.
+        """
         labels = [t["labels"] for t in targets if t["labels"].numel()]
-        if not labels:
-            return
-        flat = torch.cat([lab.reshape(-1).to(labels[0].device) for lab in labels])
-        bad = torch.stack([(flat < 0).any(), (flat >= self.num_classes).any()]).any()
-        if bool(bad):
+        bad = False
+        if labels:
+            flat = torch.cat([lab.reshape(-1).to(labels[0].device) for lab in labels])
+            bad = bool(torch.stack([(flat < 0).any(), (flat >= self.num_classes).any()]).any())
+        bad_ranks = flagged_ranks(bad)
+        if bad:
             for b, t in enumerate(targets):
                 lab = t["labels"]
                 if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= self.num_classes):
-                    raise ValueError(f"targets[{b}]['labels'] has class ids outside [0, {self.num_classes})")
+                    raise ValueError(
+                        f"targets[{b}]['labels'] has class ids outside [0, {self.num_classes}): "
+                        f"min {int(lab.min())}, max {int(lab.max())}"
+                    )
+        if bad_ranks:
+            raise ValueError(other_rank_error(bad_ranks, f"class ids outside [0, {self.num_classes})"))
 
     def _box_targets(self, targets: Sequence[Mapping], grid_hw, device) -> List[Dict[str, torch.Tensor]]:
         """Per image {"labels", "boxes", "box_masks"} on ``device``; never touches "masks"."""
@@ -278,12 +360,6 @@ class BoxSupSetCriterion(nn.Module):
             valid_grid = downsample_valid(valid.to(device), self.loss_stride)
         return similarity, valid_grid
 
-    @staticmethod
-    def _flat_indices(indices: Indices, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        batch_idx = torch.cat([torch.full_like(src, b) for b, (src, _) in enumerate(indices)])
-        src_idx = torch.cat([src for src, _ in indices])
-        return batch_idx.to(device), src_idx.to(device)
-
     @property
     def loss_grid_factor(self) -> int:
         """How many loss-grid cells per ``pred_masks`` cell along each side."""
@@ -299,7 +375,72 @@ class BoxSupSetCriterion(nn.Module):
         fine = F.interpolate(flat, scale_factor=factor, mode="bilinear", align_corners=False)
         return fine.reshape(*lead, *fine.shape[-2:])
 
-    def _match(self, out: Mapping, targets) -> Indices:
+    # ------------------------------------------------------------------ step 1: prepare
+    def prepare(
+        self, outputs: Mapping, targets: Sequence[Mapping], image_info: Optional[Mapping], iteration: int
+    ) -> PreparedTargets:
+        """Targets of the batch in GT order, box masks, edge weights and valid grid, once per step."""
+        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
+        device = logits.device
+        grid_hw = tuple(n * self.loss_grid_factor for n in masks.shape[-2:])
+        full_hw = (grid_hw[0] * self.loss_stride, grid_hw[1] * self.loss_stride)
+        num_masks = self._num_masks(targets, device)
+
+        if self.uses_masks:
+            per_image = self._mask_targets(targets, full_hw, device)
+            if "projection" in self.losses or "pairwise" in self.losses:
+                for entry, t in zip(per_image, self._box_targets(targets, grid_hw, device)):
+                    entry["box_masks"] = t["box_masks"]
+        else:
+            per_image = self._box_targets(targets, grid_hw, device)
+        counts = [len(t["labels"]) for t in per_image]
+        labels = torch.cat([t["labels"] for t in per_image]) if per_image else torch.zeros(0, dtype=torch.long)
+        batch_idx = torch.repeat_interleave(
+            torch.arange(len(counts), device=device), torch.tensor(counts, device=device)
+        )
+        box_masks = (
+            torch.cat([t["box_masks"] for t in per_image])
+            if per_image and "box_masks" in per_image[0]
+            else masks.new_zeros((0, *grid_hw), dtype=torch.float32)
+        )
+        boxes = None
+        if per_image and all("boxes" in t for t in per_image):
+            boxes = torch.cat([t["boxes"].reshape(-1, 4).to(torch.float32) for t in per_image])
+        gt_masks = torch.cat([t["masks"] for t in per_image]) if self.uses_masks else None
+
+        edge_weights = valid_grid = None
+        ramp = 1.0
+        if "pairwise" in self.losses:
+            similarity, valid_grid = self._pairwise_context(image_info, logits.shape[0], grid_hw, device)
+            with torch.no_grad():
+                edge_weights = pairwise_edge_weights(
+                    similarity[batch_idx],
+                    box_masks,
+                    valid_grid[batch_idx],
+                    self.pairwise_color_thresh,
+                    self.pairwise_size,
+                    self.pairwise_dilation,
+                )
+            ramp = self.pairwise_ramp(iteration)
+        elif image_info is not None and "valid" in image_info:
+            valid_grid = downsample_valid(image_info["valid"].to(device), self.loss_stride)
+        return PreparedTargets(
+            per_image=per_image,
+            labels=labels.to(device),
+            batch_idx=batch_idx,
+            counts=counts,
+            box_masks=box_masks,
+            boxes=boxes,
+            masks=gt_masks,
+            grid_hw=grid_hw,
+            num_masks=num_masks,
+            edge_weights=edge_weights,
+            valid_grid=valid_grid,
+            ramp=ramp,
+        )
+
+    # ------------------------------------------------------------------ step 2: match
+    def _match_one(self, out: Mapping, targets) -> Indices:
         """Hungarian matching of one decoder output on the loss grid (no gradient needed)."""
         if self.loss_grid_factor == 1:
             return self.matcher(out, targets)
@@ -307,52 +448,63 @@ class BoxSupSetCriterion(nn.Module):
             fine = {"pred_logits": out["pred_logits"], "pred_masks": self._to_loss_grid(out["pred_masks"])}
         return self.matcher(fine, targets)
 
-    # ------------------------------------------------------------------ losses
-    def loss_labels(self, out: Mapping, targets, indices: Indices) -> Dict[str, torch.Tensor]:
+    def match(self, decoder_outputs: Sequence[Mapping], prepared: PreparedTargets) -> MatchResult:
+        """Match every decoder output; one host-to-device transfer for all index tensors."""
+        indices = [self._match_one(out, prepared.per_image) for out in decoder_outputs]
+        offsets = [0]
+        for n in prepared.counts:
+            offsets.append(offsets[-1] + n)
+        num_gt = offsets[-1]
+        triples = []  # per output: (3, M) rows image, query, GT
+        query_of_gt = torch.full((len(indices), num_gt), -1, dtype=torch.int64)
+        for level, per_image in enumerate(indices):
+            rows = []
+            for b, (src, tgt) in enumerate(per_image):
+                rows.append(torch.stack([torch.full_like(src, b), src, tgt + offsets[b]]))
+                query_of_gt[level, tgt + offsets[b]] = src
+            triples.append(torch.cat(rows, dim=1) if rows else torch.zeros((3, 0), dtype=torch.int64))
+        packed = torch.cat([torch.stack(triples), query_of_gt[:, None].expand(-1, 3, -1)], dim=2)
+        device = prepared.labels.device
+        packed = packed.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else packed.to(device)
+        m = triples[0].shape[1] if triples else 0
+        flat, qog = packed[:, :, :m], packed[:, 0, m:]
+        return MatchResult(
+            indices=indices, batch_idx=flat[:, 0], query_idx=flat[:, 1], gt_idx=flat[:, 2], query_of_gt=qog
+        )
+
+    # ------------------------------------------------------------------ step 3: losses
+    def loss_labels(self, out: Mapping, prepared: PreparedTargets, level: int, match: MatchResult):
         logits = out["pred_logits"].to(torch.float32)
-        batch_idx, src_idx = self._flat_indices(indices, logits.device)
+        batch_idx, src_idx = match.batch_idx[level], match.query_idx[level]
         classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.long, device=logits.device)
         if batch_idx.numel():
-            classes[batch_idx, src_idx] = torch.cat(
-                [t["labels"][j.to(t["labels"].device)] for t, (_, j) in zip(targets, indices)]
-            ).to(logits.device)
+            classes[batch_idx, src_idx] = prepared.labels[match.gt_idx[level]]
         weight = self.empty_weight.to(device=logits.device, dtype=torch.float32)
         return {"loss_ce": F.cross_entropy(logits.transpose(1, 2), classes, weight)}
 
-    def _matched(self, out: Mapping, targets, indices: Indices, key: str):
+    def _matched_logits(self, out: Mapping, level: int, match: MatchResult) -> torch.Tensor:
+        """(M, H, W) fp32 mask logits of the matched queries on the loss grid, in match order."""
         masks = out["pred_masks"]
-        batch_idx, src_idx = self._flat_indices(indices, masks.device)
         # only the matched masks are upsampled to the loss grid (and back-propagated through)
-        src = self._to_loss_grid(masks[batch_idx, src_idx].to(torch.float32))
-        parts = [t[key][j.to(t[key].device)] for t, (_, j) in zip(targets, indices)]
-        tgt = torch.cat(parts) if parts else masks.new_zeros((0, *src.shape[-2:]))
-        return src, tgt, batch_idx
+        return self._to_loss_grid(masks[match.batch_idx[level], match.query_idx[level]].to(torch.float32))
 
-    def loss_projection(self, matched, num_masks) -> Dict[str, torch.Tensor]:
-        src, box_masks, _ = matched
-        loss = projection_loss(src.sigmoid(), box_masks.to(src.device), self.dice_eps).sum() / num_masks
+    def loss_projection(self, src, prepared: PreparedTargets, gt_idx) -> Dict[str, torch.Tensor]:
+        loss = projection_loss(src.sigmoid(), prepared.box_masks[gt_idx], self.dice_eps).sum() / prepared.num_masks
         return {"loss_proj": loss}
 
-    def loss_pairwise(self, matched, context) -> Dict[str, torch.Tensor]:
-        similarity, valid_grid = context
-        src, box_masks, batch_idx = matched
-        loss = pairwise_loss(
-            src,
-            similarity[batch_idx],
-            box_masks.to(src.device),
-            valid_grid[batch_idx],
-            self.pairwise_color_thresh,
-            self.pairwise_size,
-            self.pairwise_dilation,
+    def loss_pairwise(self, src, prepared: PreparedTargets, gt_idx) -> Dict[str, torch.Tensor]:
+        loss = pairwise_loss_weighted(
+            src, prepared.edge_weights[gt_idx], self.pairwise_size, self.pairwise_dilation
         )
         return {"loss_pairwise": loss}
 
-    def loss_masks(self, out, targets, indices, num_masks) -> Dict[str, torch.Tensor]:
-        src, gt, _ = self._matched(out, targets, indices, "masks")
+    def loss_masks(self, out, prepared: PreparedTargets, level: int, match: MatchResult):
+        src = self._matched_logits(out, level, match)
+        gt = prepared.masks[match.gt_idx[level]]
         ce, dice = point_mask_losses(
             src,
             gt.to(src.device),
-            num_masks,
+            prepared.num_masks,
             self.num_points,
             self.oversample_ratio,
             self.importance_sample_ratio,
@@ -360,23 +512,42 @@ class BoxSupSetCriterion(nn.Module):
         )
         return {"loss_mask": ce, "loss_dice": dice}
 
-    def _output_losses(self, out, targets, indices, num_masks, context, ramp) -> Dict[str, torch.Tensor]:
+    def loss_pseudo(self, src, prepared: PreparedTargets, gt_idx, pseudo) -> Dict[str, torch.Tensor]:
+        if pseudo is None or pseudo.targets is None:  # before the warm-up: the terms exist and are 0
+            zero = src.sum() * 0.0
+            return {"loss_pseudo_bce": zero, "loss_pseudo_dice": zero}
+        bce, dice = self.pseudo_labeler.loss(src, pseudo.targets[gt_idx], pseudo.weights[gt_idx])
+        return {"loss_pseudo_bce": bce.sum() / prepared.num_masks, "loss_pseudo_dice": dice.sum() / prepared.num_masks}
+
+    def _output_losses(self, out, prepared: PreparedTargets, level: int, match: MatchResult, pseudo):
         raw: Dict[str, torch.Tensor] = {}
+        gt_idx = match.gt_idx[level]
         if "labels" in self.losses:
-            raw.update(self.loss_labels(out, targets, indices))
-        if "projection" in self.losses or "pairwise" in self.losses:
-            # gathered (and upsampled to the loss grid) once for both box losses
-            box_matched = self._matched(out, targets, indices, "box_masks")
+            raw.update(self.loss_labels(out, prepared, level, match))
+        if any(name in self.losses for name in ("projection", "pairwise", "pseudo")):
+            # gathered (and upsampled to the loss grid) once for all box and pseudo losses
+            src = self._matched_logits(out, level, match)
             if "projection" in self.losses:
-                raw.update(self.loss_projection(box_matched, num_masks))
+                raw.update(self.loss_projection(src, prepared, gt_idx))
             if "pairwise" in self.losses:
-                raw.update(self.loss_pairwise(box_matched, context))
+                raw.update(self.loss_pairwise(src, prepared, gt_idx))
+            if "pseudo" in self.losses:
+                raw.update(self.loss_pseudo(src, prepared, gt_idx, pseudo))
         if "masks" in self.losses:
-            raw.update(self.loss_masks(out, targets, indices, num_masks))
+            raw.update(self.loss_masks(out, prepared, level, match))
         weighted = {k: v * self.weight_dict[k] for k, v in raw.items()}
         if "loss_pairwise" in weighted:
-            weighted["loss_pairwise"] = weighted["loss_pairwise"] * ramp
+            weighted["loss_pairwise"] = weighted["loss_pairwise"] * prepared.ramp
         return weighted
+
+    def decoder_outputs(self, outputs: Mapping) -> List[Tuple[str, Mapping]]:
+        """(suffix, output) of every supervised decoder output: aux_0 .. aux_{L-1}, then the final."""
+        out: List[Tuple[str, Mapping]] = []
+        if self.deep_supervision:
+            aux_list = outputs.get("aux_outputs", []) or []
+            out += [(f"_{i}", aux) for i, aux in enumerate(aux_list)]
+        out.append(("", outputs))
+        return out
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -386,49 +557,37 @@ class BoxSupSetCriterion(nn.Module):
         image_info: Optional[Mapping] = None,
         iteration: int = 0,
         return_indices: bool = False,
+        teacher_outputs: Optional[Mapping] = None,
     ):
         """Weighted losses of every decoder output.
 
         Returns ``{key: loss}`` (final output unsuffixed, aux output i suffixed ``_{i}``), or
         ``(losses, indices)`` with ``return_indices=True``, where ``indices`` holds the
         matcher's per-image (query, GT) index pairs for each output, ordered
-        [aux_0, ..., aux_{L-1}, final].
+        [aux_0, ..., aux_{L-1}, final]. With SIM, ``teacher_outputs`` are the EMA teacher's
+        outputs on the same padded batch (same structure as ``outputs``, plus "mask_features").
         """
         self._check_inputs(outputs, targets)
         self._check_label_range(targets)
-        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
-        device = logits.device
-        grid_hw = tuple(n * self.loss_grid_factor for n in masks.shape[-2:])
-        full_hw = (grid_hw[0] * self.loss_stride, grid_hw[1] * self.loss_stride)
-        num_masks = self._num_masks(targets, device)
-
-        if self.uses_masks:
-            prepared = self._mask_targets(targets, full_hw, device)
-            if "projection" in self.losses or "pairwise" in self.losses:
-                for entry, t in zip(prepared, self._box_targets(targets, grid_hw, device)):
-                    entry["box_masks"] = t["box_masks"]
-        else:
-            prepared = self._box_targets(targets, grid_hw, device)
-        context = None
-        ramp = 1.0
-        if "pairwise" in self.losses:
-            context = self._pairwise_context(image_info, logits.shape[0], grid_hw, device)
-            ramp = self.pairwise_ramp(iteration)
-
-        decoder_outputs: List[Tuple[str, Mapping]] = []
-        if self.deep_supervision:
-            aux_list = outputs.get("aux_outputs", []) or []
-            decoder_outputs += [(f"_{i}", aux) for i, aux in enumerate(aux_list)]
-        decoder_outputs.append(("", outputs))
-
-        losses: Dict[str, torch.Tensor] = {}
-        all_indices: List[Indices] = []
+        if self.needs_teacher and teacher_outputs is None:
+            raise ValueError("SIM's pseudo-mask loss needs the EMA teacher's outputs (teacher_outputs)")
+        device = outputs["pred_logits"].device
+        decoder_outputs = self.decoder_outputs(outputs)
         with torch.autocast(device_type=device.type, enabled=False):
-            for suffix, out in decoder_outputs:
-                indices = self._match(out, prepared)
-                all_indices.append(indices)
-                for key, value in self._output_losses(out, prepared, indices, num_masks, context, ramp).items():
+            prepared = self.prepare(outputs, targets, image_info, iteration)
+            match = self.match([out for _, out in decoder_outputs], prepared)
+            pseudo = None
+            if self.needs_teacher:
+                teacher_levels = [out for _, out in self.decoder_outputs(teacher_outputs)]
+                pseudo = self.pseudo_labeler(
+                    teacher_levels, teacher_outputs["mask_features"], prepared, match, iteration,
+                    stride=self.loss_stride, to_loss_grid=self._to_loss_grid,
+                )
+            self.last_pseudo = pseudo
+            losses: Dict[str, torch.Tensor] = {}
+            for level, (suffix, out) in enumerate(decoder_outputs):
+                for key, value in self._output_losses(out, prepared, level, match, pseudo).items():
                     losses[key + suffix] = value
         if return_indices:
-            return losses, all_indices
+            return losses, match.indices
         return losses

@@ -19,6 +19,7 @@ from torch import nn
 from .losses.box_targets import boxes_to_grid_masks
 from .losses.point_mask import batch_dice_cost, batch_sigmoid_ce_cost, point_sample, uniform_points
 from .losses.projection import projection_cost
+from ..utils.distributed import flagged_ranks, other_rank_error
 
 __all__ = ["HungarianMatcher"]
 
@@ -117,12 +118,37 @@ class HungarianMatcher(nn.Module):
                 cost = cost + self._mask_cost(masks, target, index)
         return cost
 
+    @staticmethod
+    def _label_error(targets: Sequence[Mapping], num_classes: int):
+        """(exception type, message) for the first image with bad labels, else None (one host sync)."""
+        for b, t in enumerate(targets):
+            if t["labels"].ndim != 1:
+                return ValueError, f"targets[{b}]['labels'] must be 1-D, got {tuple(t['labels'].shape)}"
+        labels = [t["labels"] for t in targets if t["labels"].numel()]
+        if not labels:
+            return None
+        flat = torch.cat([lab.to(labels[0].device) for lab in labels])
+        if not bool(((flat < 0) | (flat >= num_classes)).any()):
+            return None
+        for b, t in enumerate(targets):
+            lab = t["labels"]
+            if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
+                return ValueError, (
+                    f"targets[{b}]['labels'] has class ids outside [0, {num_classes}): "
+                    f"min {int(lab.min())}, max {int(lab.max())}"
+                )
+        return None
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(
         self, outputs: Mapping[str, torch.Tensor], targets: Sequence[Mapping]
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Match one decoder output {"pred_logits": (B,Q,K+1), "pred_masks": (B,Q,Hm,Wm)}."""
+        """Match one decoder output {"pred_logits": (B,Q,K+1), "pred_masks": (B,Q,Hm,Wm)}.
+
+        Under torch.distributed this is a collective (one all-reduced error flag): every rank
+        must call it the same number of times, as the criterion does (once per decoder output).
+        """
         for key in ("pred_logits", "pred_masks"):
             if key not in outputs:
                 raise KeyError(f"HungarianMatcher: outputs lack {key!r}")
@@ -134,16 +160,33 @@ class HungarianMatcher(nn.Module):
             )
         if len(targets) != logits.shape[0]:
             raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]}")
-        # cost matrices of all images go to the host in one transfer (scipy needs them there)
-        costs = [
-            self.cost_matrix(logits[b], masks[b], target, b) if len(target["labels"]) else None
-            for b, target in enumerate(targets)
-        ]
+        # Checks on the data (labels, finite costs) decide on every rank together (an
+        # all-reduced flag): one rank raising alone would leave the others in the next
+        # all-reduce (DDP's gradients) until the NCCL timeout.
+        error = self._label_error(targets, logits.shape[-1] - 1)
+        costs = []
+        if error is None:
+            # cost matrices of all images go to the host in one transfer (scipy needs them there)
+            costs = [
+                self.cost_matrix(logits[b], masks[b], target, b) if len(target["labels"]) else None
+                for b, target in enumerate(targets)
+            ]
         present = [c for c in costs if c is not None]
-        host = iter(())
+        host_costs: List[torch.Tensor] = []
         if present:
             flat = torch.cat([c.flatten() for c in present]).cpu()
-            host = iter(flat.split([c.numel() for c in present]))
+            host_costs = list(flat.split([c.numel() for c in present]))
+            if not torch.isfinite(flat).all():
+                b = [b for b, c in enumerate(costs) if c is not None][
+                    next(i for i, c in enumerate(host_costs) if not torch.isfinite(c).all())
+                ]
+                error = (FloatingPointError, f"HungarianMatcher: non-finite matching cost for image {b}")
+        bad_ranks = flagged_ranks(error is not None)
+        if error is not None:
+            raise error[0](error[1])
+        if bad_ranks:
+            raise RuntimeError(other_rank_error(bad_ranks, "bad targets or non-finite matching costs"))
+        host = iter(host_costs)
         indices: List[Tuple[torch.Tensor, torch.Tensor]] = []
         for b, cost in enumerate(costs):
             if cost is None:
@@ -151,8 +194,6 @@ class HungarianMatcher(nn.Module):
                 indices.append((empty, empty.clone()))
                 continue
             cost = next(host).view(cost.shape)
-            if not torch.isfinite(cost).all():
-                raise FloatingPointError(f"HungarianMatcher: non-finite matching cost for image {b}")
             rows, cols = linear_sum_assignment(cost.numpy())
             indices.append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))

@@ -4,10 +4,18 @@ Training returns the criterion's weighted loss dict; inference returns, per imag
 ``{"instances": Instances}`` with pred_masks (bool, original resolution), pred_boxes
 (tight boxes of the masks), scores (class prob x mean mask prob inside the mask) and
 pred_classes.
+
+SIM (MODEL.SIM.ENABLED): an EMA teacher of backbone, pixel decoder and transformer decoder
+(``mask2former_sim/sim/teacher.py``) runs on the same padded batch in eval mode under
+no_grad, and its outputs feed the criterion's pseudo labels. The teacher lives outside this
+module's tree (DDP, ``train()``, the optimizer and ``state_dict`` never see it); the trainer
+attaches it after the weights are loaded (``attach_teacher``), updates it after every
+optimizer step (``update_teacher``) and saves it in the checkpoint.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -16,6 +24,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..utils.boxes import masks_to_boxes
+from ..sim.teacher import EMATeacher
 from .criterion import BoxSupSetCriterion
 from .pixel_decoder import build_pixel_decoder
 from .transformer_decoder import build_transformer_decoder
@@ -25,11 +34,10 @@ from .transformer_decoder import build_transformer_decoder
 class BoxSupMaskFormer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.MODEL.SIM.ENABLED or cfg.MODEL.SIM.COPY_PASTE.ENABLED:
+        if cfg.MODEL.SIM.COPY_PASTE.ENABLED:
             raise NotImplementedError(
-                "MODEL.SIM.ENABLED / MODEL.SIM.COPY_PASTE.ENABLED: the SIM components (prototypes, "
-                "pseudo-mask loss, teacher, copy-paste) are not implemented yet; this build trains "
-                "the box-only baseline and the fully supervised upper bound"
+                "MODEL.SIM.COPY_PASTE.ENABLED: SIM's copy-paste (memory bank, Eq.9/11) is not "
+                "implemented yet; SIM's teacher, prototypes and pseudo-mask loss are (MODEL.SIM.ENABLED)"
             )
         self.backbone = build_backbone(cfg)
         self.pixel_decoder = build_pixel_decoder(cfg, self.backbone.output_shape())
@@ -45,6 +53,13 @@ class BoxSupMaskFormer(nn.Module):
         self.register_buffer("pixel_std", torch.tensor(cfg.MODEL.PIXEL_STD).view(-1, 1, 1), False)
         # iteration used by loss ramps when no detectron2 EventStorage is active (tests, tools)
         self.fallback_iter = 0
+        self.sim_enabled = bool(cfg.MODEL.SIM.ENABLED)
+        self.teacher_momentum = float(cfg.MODEL.SIM.TEACHER.MOMENTUM)
+        if not 0.0 <= self.teacher_momentum <= 1.0:
+            raise ValueError(f"MODEL.SIM.TEACHER.MOMENTUM must be in [0, 1], got {self.teacher_momentum}")
+        self.eval_teacher = bool(cfg.MODEL.MASK_FORMER.TEST.EVAL_TEACHER)
+        # a plain attribute, not a submodule: see the module docstring
+        self._teacher: Optional[EMATeacher] = None
 
     @property
     def device(self) -> torch.device:
@@ -58,11 +73,16 @@ class BoxSupMaskFormer(nn.Module):
             return self.fallback_iter
 
     def preprocess(self, batched_inputs: List[Dict]) -> Tuple[ImageList, torch.Tensor, torch.Tensor]:
-        """Normalised padded images, raw padded RGB (0..255, pad 0) and padded valid masks."""
-        raw = [x["image"].to(self.device, non_blocking=True).float() for x in batched_inputs]
-        if self.image_format == "BGR":
-            raw = [r.flip(0) for r in raw]
-        images = ImageList.from_tensors([(r - self.pixel_mean) / self.pixel_std for r in raw], self.size_divisibility)
+        """Normalised padded images, raw padded RGB (0..255, pad 0) and padded valid masks.
+
+        The backbone sees the image in INPUT.FORMAT (PIXEL_MEAN/STD are in that order); only
+        the raw copy for the Lab colours of the pairwise loss is flipped to RGB.
+        """
+        inputs = [x["image"].to(self.device, non_blocking=True).float() for x in batched_inputs]
+        images = ImageList.from_tensors(
+            [(r - self.pixel_mean) / self.pixel_std for r in inputs], self.size_divisibility
+        )
+        raw = [r.flip(0) for r in inputs] if self.image_format == "BGR" else inputs
         raw_padded = ImageList.from_tensors(raw, self.size_divisibility).tensor
         valid = [
             x.get("valid_mask", torch.ones(r.shape[-2:], dtype=torch.bool)).to(self.device)
@@ -71,10 +91,53 @@ class BoxSupMaskFormer(nn.Module):
         valid_padded = ImageList.from_tensors([v.float() for v in valid], self.size_divisibility).tensor > 0.5
         return images, raw_padded, valid_padded
 
-    def forward_network(self, images: torch.Tensor) -> Dict:
-        features = self.backbone(images)
-        mask_features, multi_scale_features = self.pixel_decoder.forward_features(features)
-        outputs = self.predictor(multi_scale_features, mask_features)
+    # ------------------------------------------------------------------ teacher
+    def student_parts(self) -> nn.ModuleDict:
+        """The parts the EMA teacher copies (a view: the modules are this model's own)."""
+        return nn.ModuleDict({"backbone": self.backbone, "pixel_decoder": self.pixel_decoder, "predictor": self.predictor})
+
+    @property
+    def teacher(self) -> Optional[EMATeacher]:
+        return self._teacher
+
+    def attach_teacher(self) -> EMATeacher:
+        """Create the EMA teacher as a copy of the student's current weights (call after loading)."""
+        self._teacher = EMATeacher(self.student_parts(), self.teacher_momentum).to(self.device)
+        return self._teacher
+
+    def update_teacher(self) -> None:
+        """EMA step of the teacher after an optimizer step (TeacherEMAHook)."""
+        if self._teacher is None:
+            raise RuntimeError("update_teacher: no teacher attached (attach_teacher after loading weights)")
+        self._teacher.update(self.student_parts())
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # parameters agree on every rank (DDP averages the gradients), buffers do not: each
+            # rank's BN statistics saw its own batch. Rank 0's go to every teacher, one packed call.
+            buffers = [b for b in self._teacher.module.buffers() if b.is_floating_point()]
+            if buffers:
+                flat = torch.cat([b.reshape(-1) for b in buffers])
+                dist.broadcast(flat, src=0)
+                torch._foreach_copy_(buffers, [v.view_as(b) for v, b in zip(flat.split([b.numel() for b in buffers]), buffers)])
+
+    def _teacher_outputs(self, images: torch.Tensor) -> Dict:
+        if self._teacher is None:
+            raise RuntimeError(
+                "MODEL.SIM.ENABLED: the EMA teacher is missing. It is made from the student after the "
+                "weights are loaded: the Trainer does this in resume_or_load; elsewhere call "
+                "model.attach_teacher() once the weights are in place"
+            )
+        # eval mode (EMATeacher keeps it so), no graph; under AMP it inherits the student's autocast
+        with torch.no_grad():
+            return self.forward_network(images, self._teacher.module)
+
+    def forward_network(self, images: torch.Tensor, parts: Optional[nn.Module] = None) -> Dict:
+        """Backbone -> pixel decoder -> decoder of the student, or of ``parts`` (the teacher)."""
+        backbone = self.backbone if parts is None else parts["backbone"]
+        pixel_decoder = self.pixel_decoder if parts is None else parts["pixel_decoder"]
+        predictor = self.predictor if parts is None else parts["predictor"]
+        features = backbone(images)
+        mask_features, multi_scale_features = pixel_decoder.forward_features(features)
+        outputs = predictor(multi_scale_features, mask_features)
         outputs["mask_features"] = mask_features
         return outputs
 
@@ -95,11 +158,19 @@ class BoxSupMaskFormer(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, batched_inputs: List[Dict]):
         images, raw, valid = self.preprocess(batched_inputs)
+        if not self.training and self.eval_teacher:
+            if self._teacher is None:
+                raise RuntimeError(
+                    "MODEL.MASK_FORMER.TEST.EVAL_TEACHER: no teacher is loaded (evaluate a SIM checkpoint; "
+                    "train_net.py --eval-only loads the teacher saved in it)"
+                )
+            return self.inference(self._teacher_outputs(images.tensor), batched_inputs, images)
         outputs = self.forward_network(images.tensor)
         if self.training:
             targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
             image_info = {"images": raw, "valid": valid}
-            return self.criterion(outputs, targets, image_info, self._current_iter())
+            teacher_outputs = self._teacher_outputs(images.tensor) if self.criterion.needs_teacher else None
+            return self.criterion(outputs, targets, image_info, self._current_iter(), teacher_outputs=teacher_outputs)
         return self.inference(outputs, batched_inputs, images)
 
     @torch.no_grad()

@@ -5,7 +5,9 @@ from .pairwise import (
     image_color_similarity,
     images_to_color_similarity,
     neighbour_offsets,
+    pairwise_edge_weights,
     pairwise_loss,
+    pairwise_loss_weighted,
     rgb_to_lab,
 )
 from .point_mask import (
@@ -28,7 +30,9 @@ __all__ = [
     "image_color_similarity",
     "images_to_color_similarity",
     "neighbour_offsets",
+    "pairwise_edge_weights",
     "pairwise_loss",
+    "pairwise_loss_weighted",
     "rgb_to_lab",
     "batch_dice_cost",
     "batch_sigmoid_ce_cost",

@@ -17,7 +17,9 @@ __all__ = [
     "rgb_to_lab",
     "image_color_similarity",
     "images_to_color_similarity",
+    "pairwise_edge_weights",
     "pairwise_loss",
+    "pairwise_loss_weighted",
 ]
 
 # sRGB (linear) -> XYZ, D65 reference white.
@@ -128,6 +130,67 @@ def images_to_color_similarity(
         return image_color_similarity(rgb_to_lab(pooled), kernel_size, dilation, theta)
 
 
+def pairwise_edge_weights(
+    similarity: torch.Tensor,
+    box_masks: torch.Tensor,
+    valid: torch.Tensor,
+    color_thresh: float,
+    kernel_size: int = 3,
+    dilation: int = 2,
+) -> torch.Tensor:
+    """w_uv = 1[S_uv >= color_thresh] * B(u) * valid(u) * valid(v), as a bool tensor.
+
+    v outside the map is invalid. The weights depend on the image and the GT box only, not on
+    the prediction, so the criterion builds them once per step in GT order and indexes them
+    at every decoder output.
+
+    Args: similarity (N, K*K-1, H, W); box_masks (N, H, W) in {0, 1}; valid (N, H, W) bool.
+    Returns: (N, K*K-1, H, W) bool.
+    """
+    if similarity.ndim != 4:
+        raise ValueError(f"similarity must be (N, K*K-1, H, W), got {tuple(similarity.shape)}")
+    n, num_nb, h, w = similarity.shape
+    if num_nb != kernel_size * kernel_size - 1:
+        raise ValueError(
+            f"similarity must be {(n, kernel_size * kernel_size - 1, h, w)} for kernel_size={kernel_size}, "
+            f"got {tuple(similarity.shape)}"
+        )
+    if tuple(box_masks.shape) != (n, h, w):
+        raise ValueError(f"box_masks must be {(n, h, w)}, got {tuple(box_masks.shape)}")
+    if tuple(valid.shape) != (n, h, w):
+        raise ValueError(f"valid must be {(n, h, w)}, got {tuple(valid.shape)}")
+    valid = valid.to(torch.bool)
+    valid_nb = gather_neighbours(valid[:, None], kernel_size, dilation, fill=False)[:, 0]
+    return (similarity >= color_thresh) & valid[:, None] & valid_nb & (box_masks > 0)[:, None]
+
+
+def pairwise_loss_weighted(
+    mask_logits: torch.Tensor, edge_weights: torch.Tensor, kernel_size: int = 3, dilation: int = 2
+) -> torch.Tensor:
+    """sum(w * l) / max(sum(w), 1) over N masks with precomputed (bool) edge weights w.
+
+    l_uv = -log(m(u) m(v) + (1 - m(u))(1 - m(v))) with m = sigmoid(z), evaluated as
+    softplus(z_u) + softplus(z_v) - softplus(z_u + z_v) (the same quantity as
+    -logsumexp(logsig(z_u) + logsig(z_v), logsig(-z_u) + logsig(-z_v)), stable for any z).
+
+    Args: mask_logits (N, H, W); edge_weights (N, K*K-1, H, W) from pairwise_edge_weights.
+    """
+    if mask_logits.ndim != 3:
+        raise ValueError(f"mask_logits must be (N, H, W), got {tuple(mask_logits.shape)}")
+    n, h, w = mask_logits.shape
+    num_nb = kernel_size * kernel_size - 1
+    if tuple(edge_weights.shape) != (n, num_nb, h, w):
+        raise ValueError(f"edge_weights must be {(n, num_nb, h, w)}, got {tuple(edge_weights.shape)}")
+    with _no_autocast(mask_logits):
+        z = mask_logits.to(torch.float32)[:, None]  # (N, 1, H, W)
+        z_nb = gather_neighbours(z, kernel_size, dilation, fill=0.0)[:, 0]  # (N, n, H, W)
+        sp = F.softplus(z)
+        sp_nb = gather_neighbours(sp, kernel_size, dilation, fill=0.0)[:, 0]
+        edge_loss = sp + sp_nb - F.softplus(z + z_nb)
+        weight = edge_weights.to(torch.float32)
+        return (edge_loss * weight).sum() / weight.sum().clamp(min=1.0)
+
+
 def pairwise_loss(
     mask_logits: torch.Tensor,
     similarity: torch.Tensor,
@@ -139,40 +202,11 @@ def pairwise_loss(
 ) -> torch.Tensor:
     """Colour-gated pairwise loss over N matched pairs -> scalar.
 
-    w_uv = 1[S_uv >= color_thresh] * B(u) * valid(u) * valid(v) (v outside the map is
-    invalid); l_uv = -log(m(u) m(v) + (1 - m(u))(1 - m(v))) with m = sigmoid(z), evaluated
-    as softplus(z_u) + softplus(z_v) - softplus(z_u + z_v) (the same quantity as
-    -logsumexp(logsig(z_u) + logsig(z_v), logsig(-z_u) + logsig(-z_v)), stable for any z).
-    Returns sum(w * l) / max(sum(w), 1).
-
+    pairwise_edge_weights followed by pairwise_loss_weighted (see both).
     Args: mask_logits (N, H, W); similarity (N, K*K-1, H, W); box_masks (N, H, W) in
     {0, 1}; valid (N, H, W) bool.
     """
     if mask_logits.ndim != 3:
         raise ValueError(f"mask_logits must be (N, H, W), got {tuple(mask_logits.shape)}")
-    n, h, w = mask_logits.shape
-    num_nb = kernel_size * kernel_size - 1
-    if tuple(similarity.shape) != (n, num_nb, h, w):
-        raise ValueError(
-            f"similarity must be {(n, num_nb, h, w)} for kernel_size={kernel_size}, "
-            f"got {tuple(similarity.shape)}"
-        )
-    if tuple(box_masks.shape) != (n, h, w):
-        raise ValueError(f"box_masks must be {(n, h, w)}, got {tuple(box_masks.shape)}")
-    if tuple(valid.shape) != (n, h, w):
-        raise ValueError(f"valid must be {(n, h, w)}, got {tuple(valid.shape)}")
-    with _no_autocast(mask_logits):
-        z = mask_logits.to(torch.float32)[:, None]  # (N, 1, H, W)
-        z_nb = gather_neighbours(z, kernel_size, dilation, fill=0.0)[:, 0]  # (N, n, H, W)
-        sp = F.softplus(z)
-        sp_nb = gather_neighbours(sp, kernel_size, dilation, fill=0.0)[:, 0]
-        edge_loss = sp + sp_nb - F.softplus(z + z_nb)
-
-        valid = valid.to(torch.bool)
-        valid_nb = gather_neighbours(valid[:, None], kernel_size, dilation, fill=False)[:, 0]
-        weight = (
-            (similarity >= color_thresh)
-            & valid[:, None]
-            & valid_nb
-        ).to(torch.float32) * box_masks.to(torch.float32)[:, None]
-        return (edge_loss * weight).sum() / weight.sum().clamp(min=1.0)
+    weights = pairwise_edge_weights(similarity, box_masks, valid, color_thresh, kernel_size, dilation)
+    return pairwise_loss_weighted(mask_logits, weights, kernel_size, dilation)

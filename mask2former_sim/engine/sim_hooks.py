@@ -1,0 +1,53 @@
+"""Trainer wiring of SIM's EMA teacher: its hook, its place in checkpoints, its loading for evaluation.
+
+The teacher is created from the student *after* the weights are loaded (fresh start:
+backbone pretraining and MODEL.WEIGHTS; resume: the checkpoint's student, then the
+checkpoint's teacher on top), updated after every optimizer step by ``TeacherEMAHook``
+(registered before the periodic checkpointer, so the checkpoint of iteration i holds the
+teacher after step i), and saved under ``checkpoint["trainer"]["sim_teacher"]``.
+"""
+import logging
+from typing import Mapping, Optional
+
+from detectron2.engine import HookBase
+from torch.nn.parallel import DistributedDataParallel
+
+logger = logging.getLogger(__name__)
+
+TEACHER_KEY = "sim_teacher"
+
+
+def unwrap(model):
+    """The model inside DDP (or the model itself)."""
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+class TeacherEMAHook(HookBase):
+    """teacher <- m * teacher + (1 - m) * student after every optimizer step (METHOD.md §2)."""
+
+    def after_step(self):
+        unwrap(self.trainer.model).update_teacher()
+
+
+def attach_teacher(model, state: Optional[Mapping] = None):
+    """Create the teacher from the student's current weights; load ``state`` over it when given."""
+    model = unwrap(model)
+    teacher = model.attach_teacher()
+    if state is not None:
+        teacher.load_state_dict(state)
+        logger.info("SIM teacher restored from the checkpoint")
+    else:
+        logger.info("SIM teacher created from the student's current weights (momentum %g)", teacher.momentum)
+    return teacher
+
+
+def load_teacher_for_evaluation(model, checkpoint_extra: Mapping, weights: str) -> None:
+    """--eval-only with MODEL.MASK_FORMER.TEST.EVAL_TEACHER: the teacher saved in ``weights``."""
+    state = (checkpoint_extra.get("trainer") or {}).get(TEACHER_KEY)
+    if state is None:
+        raise KeyError(
+            f"MODEL.MASK_FORMER.TEST.EVAL_TEACHER: {weights} holds no SIM teacher "
+            f"(checkpoint['trainer']['{TEACHER_KEY}']); evaluate a checkpoint of a SIM training "
+            "(model_final.pth or model_XXXXXXX.pth in its OUTPUT_DIR)"
+        )
+    attach_teacher(model, state)

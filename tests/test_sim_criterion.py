@@ -1,0 +1,210 @@
+"""The three-step criterion (prepare, match, losses) and SIM's pseudo-mask loss inside it.
+
+- box-only losses, gradients and matches are bit-identical to the per-output path the
+  criterion had before the restructuring (rebuilt here from the public loss functions);
+- ``query_of_gt`` holds the query matched to every GT at every output;
+- the pseudo-mask loss is zero before MODEL.SIM.WARMUP_ITERS and non-zero after, reads the
+  teacher's masks at the student's matched queries, and never needs a GT mask.
+"""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mask2former_sim.modeling.criterion import BoxSupSetCriterion
+from mask2former_sim.modeling.losses import images_to_color_similarity, pairwise_loss, projection_loss
+from mask2former_sim.modeling.losses.box_targets import boxes_to_grid_masks, downsample_valid
+from mask2former_sim.modeling.matcher import HungarianMatcher
+from mask2former_sim.sim.pseudo_labeler import SIMPseudoLabeler
+
+from test_criterion import HM, K, STRIDE, WEIGHTS, make_info, make_outputs, make_targets, _NoMasksDict, _Poison
+
+SIM_WEIGHTS = dict(WEIGHTS, loss_pseudo_bce=5.0, loss_pseudo_dice=5.0)
+
+
+def reference_losses(outputs, targets, info, iteration, loss_stride, warmup=100):
+    """The per-output criterion of before the three-step restructuring: match, then losses."""
+    factor = STRIDE // loss_stride
+    matcher = HungarianMatcher(stride=loss_stride)
+
+    def up(m):
+        if factor == 1:
+            return m
+        lead = m.shape[:-2]
+        fine = F.interpolate(m.reshape(-1, 1, *m.shape[-2:]), scale_factor=factor, mode="bilinear", align_corners=False)
+        return fine.reshape(*lead, *fine.shape[-2:])
+
+    grid = (HM * factor, HM * factor)
+    prepared = [
+        {"labels": t["labels"], "boxes": t["boxes"], "box_masks": boxes_to_grid_masks(t["boxes"], grid, loss_stride)}
+        for t in targets
+    ]
+    num_masks = max(float(sum(len(t["labels"]) for t in targets)), 1.0)
+    similarity = images_to_color_similarity(info["images"], loss_stride, 3, 2, 2.0)
+    valid = downsample_valid(info["valid"], loss_stride)
+    ramp = min(iteration / warmup, 1.0)
+    empty_weight = torch.ones(K + 1)
+    empty_weight[-1] = 0.1
+    levels = [(f"_{i}", a) for i, a in enumerate(outputs["aux_outputs"])] + [("", outputs)]
+    losses, all_indices = {}, []
+    for suffix, out in levels:
+        with torch.no_grad():
+            indices = matcher({"pred_logits": out["pred_logits"], "pred_masks": up(out["pred_masks"])}, prepared)
+        all_indices.append(indices)
+        b_idx = torch.cat([torch.full_like(s, b) for b, (s, _) in enumerate(indices)])
+        q_idx = torch.cat([s for s, _ in indices])
+        logits = out["pred_logits"].float()
+        classes = torch.full(logits.shape[:2], K, dtype=torch.long)
+        classes[b_idx, q_idx] = torch.cat([t["labels"][j] for t, (_, j) in zip(prepared, indices)])
+        src = up(out["pred_masks"][b_idx, q_idx].float())
+        box = torch.cat([t["box_masks"][j] for t, (_, j) in zip(prepared, indices)])
+        losses["loss_ce" + suffix] = 2.0 * F.cross_entropy(logits.transpose(1, 2), classes, empty_weight)
+        losses["loss_proj" + suffix] = (projection_loss(src.sigmoid(), box).sum() / num_masks) * 5.0
+        losses["loss_pairwise" + suffix] = (
+            1.0 * pairwise_loss(src, similarity[b_idx], box, valid[b_idx], 0.1, 3, 2) * ramp
+        )
+    return losses, all_indices
+
+
+def _grads(outputs):
+    return [outputs["pred_logits"].grad, outputs["pred_masks"].grad] + [
+        a[k].grad for a in outputs["aux_outputs"] for k in ("pred_logits", "pred_masks")
+    ]
+
+
+@pytest.mark.parametrize("loss_stride", [4, 2])
+def test_box_losses_bit_identical_to_the_per_output_path(loss_stride):
+    info = make_info(3)
+    out_new, out_ref = make_outputs(3, num_aux=4, seed=3), make_outputs(3, num_aux=4, seed=3)
+    targets = make_targets(3, seed=3)
+    crit = BoxSupSetCriterion(
+        K, HungarianMatcher(stride=loss_stride), WEIGHTS, stride=STRIDE, loss_stride=loss_stride, pairwise_warmup_iters=100
+    )
+    losses, indices = crit(out_new, targets, info, iteration=37, return_indices=True)
+    ref, ref_indices = reference_losses(out_ref, targets, info, 37, loss_stride)
+    assert set(losses) == set(ref)
+    for key in ref:
+        assert torch.equal(losses[key], ref[key]), key
+    for mine, theirs in zip(indices, ref_indices):
+        for (q1, g1), (q2, g2) in zip(mine, theirs):
+            assert torch.equal(q1, q2) and torch.equal(g1, g2)
+    sum(losses.values()).backward()
+    sum(ref.values()).backward()
+    for g_new, g_ref in zip(_grads(out_new), _grads(out_ref)):
+        assert torch.equal(g_new, g_ref)
+
+
+def test_match_holds_every_outputs_query_for_every_gt():
+    crit = BoxSupSetCriterion(K, HungarianMatcher(stride=STRIDE), WEIGHTS, stride=STRIDE)
+    outputs, targets, info = make_outputs(3, num_aux=3), make_targets(3), make_info(3)
+    prepared = crit.prepare(outputs, targets, info, 10)
+    levels = [o for _, o in crit.decoder_outputs(outputs)]
+    match = crit.match(levels, prepared)
+    counts = [len(t["labels"]) for t in targets]
+    assert match.query_of_gt.shape == (4, sum(counts))
+    assert prepared.batch_idx.tolist() == [b for b, n in enumerate(counts) for _ in range(n)]
+    offsets = [sum(counts[:b]) for b in range(3)]
+    for level, per_image in enumerate(match.indices):
+        for b, (src, tgt) in enumerate(per_image):
+            for q, g in zip(src.tolist(), tgt.tolist()):
+                assert match.query_of_gt[level, offsets[b] + g].item() == q
+        # the flat triples list the same pairs
+        pairs = set(zip(match.batch_idx[level].tolist(), match.query_idx[level].tolist(), match.gt_idx[level].tolist()))
+        assert pairs == {(b, q, offsets[b] + g) for b, (s, t) in enumerate(per_image) for q, g in zip(s.tolist(), t.tolist())}
+
+
+def test_more_gts_than_queries_leaves_unmatched_gts_at_minus_one():
+    crit = BoxSupSetCriterion(K, HungarianMatcher(stride=STRIDE), WEIGHTS, stride=STRIDE)
+    outputs = make_outputs(1, queries=2, num_aux=1)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [12, 12, 30, 30], [2, 14, 12, 30]])
+    targets = [{"labels": torch.tensor([0, 1, 2]), "boxes": boxes}]
+    prepared = crit.prepare(outputs, targets, make_info(1), 10)
+    match = crit.match([o for _, o in crit.decoder_outputs(outputs)], prepared)
+    assert (match.query_of_gt == -1).sum(dim=1).tolist() == [1, 1]
+    assert sorted(q for q in match.query_of_gt[0].tolist() if q >= 0) == [0, 1]
+
+
+def sim_criterion(warmup=5, **labeler_kw):
+    labeler = SIMPseudoLabeler(K, feature_dim=8, num_prototypes=2, warmup_iters=warmup, proto_momentum=0.9, **labeler_kw)
+    return BoxSupSetCriterion(
+        K, HungarianMatcher(stride=STRIDE), SIM_WEIGHTS, stride=STRIDE, pairwise_warmup_iters=100,
+        losses=("labels", "projection", "pairwise", "pseudo"), pseudo_labeler=labeler,
+    )
+
+
+def teacher_outputs_like(outputs, seed=7, feature_dim=8):
+    g = torch.Generator().manual_seed(seed)
+
+    def one(o):
+        return {"pred_logits": torch.randn(o["pred_logits"].shape, generator=g),
+                "pred_masks": torch.randn(o["pred_masks"].shape, generator=g) * 3}
+
+    t = one(outputs)
+    t["aux_outputs"] = [one(a) for a in outputs["aux_outputs"]]
+    b = outputs["pred_logits"].shape[0]
+    t["mask_features"] = torch.randn(b, feature_dim, HM, HM, generator=g)
+    return t
+
+
+def test_pseudo_loss_is_zero_before_the_warmup_and_active_after():
+    crit = sim_criterion(warmup=5)
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    before = crit(outputs, targets, info, iteration=4, teacher_outputs=teacher)
+    pseudo_keys = [k for k in before if "pseudo" in k]
+    assert sorted(pseudo_keys) == sorted(f"loss_pseudo_{t}{s}" for t in ("bce", "dice") for s in ("", "_0", "_1"))
+    assert all(before[k].item() == 0.0 for k in pseudo_keys)
+    after = crit(outputs, targets, info, iteration=5, teacher_outputs=teacher)
+    assert all(after[k].item() > 0.0 for k in pseudo_keys)
+    for key in before:  # the other losses do not depend on the pseudo labels (pairwise: its ramp moved)
+        if "pseudo" not in key and "pairwise" not in key:
+            assert torch.equal(before[key], after[key]), key
+    sum(after.values()).backward()
+    assert outputs["pred_masks"].grad.abs().sum() > 0
+
+
+def test_pseudo_loss_needs_the_teacher_and_never_reads_gt_masks():
+    crit = sim_criterion(warmup=0)
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    with pytest.raises(ValueError, match="teacher"):
+        crit(outputs, targets, info, iteration=3)
+    teacher = teacher_outputs_like(outputs)
+    ref = crit(outputs, targets, info, iteration=3, teacher_outputs=teacher)
+    poisoned = [_NoMasksDict(t, masks=_Poison()) for t in targets]
+    got = crit(outputs, poisoned, info, iteration=3, teacher_outputs=teacher)
+    for key in ref:
+        assert torch.isfinite(got[key]) and got[key].item() == pytest.approx(ref[key].item(), rel=1e-5, abs=1e-7), key
+
+
+def test_pseudo_targets_come_from_the_teacher_masks_at_the_matched_queries():
+    # beta = 1 (instance map only), gamma = 0 (plain mean over the L+1 positives)
+    crit = sim_criterion(warmup=0, modulation=1.0, iou_gamma=0.0)
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    pseudo = crit.last_pseudo
+    prepared = crit.prepare(outputs, targets, info, 0)
+    match = crit.match([o for _, o in crit.decoder_outputs(outputs)], prepared)
+    levels = [o for _, o in crit.decoder_outputs(teacher)]
+    expected = torch.stack(
+        [lvl["pred_masks"][prepared.batch_idx, match.query_of_gt[i]].sigmoid() for i, lvl in enumerate(levels)]
+    ).mean(0)
+    assert torch.allclose(pseudo.instance, expected, atol=1e-6)
+    box = prepared.box_masks > 0
+    assert torch.equal(pseudo.targets > 0, (expected > 0.7) & box)
+    assert torch.equal(pseudo.weights > 0, ((expected > 0.7) | (expected < 0.3)) & box)
+
+
+def test_prototypes_move_every_step_also_before_the_warmup():
+    crit = sim_criterion(warmup=1000)
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    for lvl in [teacher] + teacher["aux_outputs"]:
+        lvl["pred_masks"] = torch.full_like(lvl["pred_masks"], 6.0)  # confident everywhere: pixels in every box
+    before = crit.pseudo_labeler.memory.prototypes.clone()
+    crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    after = crit.pseudo_labeler.memory.prototypes
+    assert not torch.equal(before, after)
+    assert torch.allclose(after.norm(dim=-1), torch.ones(after.shape[:2]), atol=1e-5)
+    present = sorted({int(c) for t in targets for c in t["labels"]})
+    moved = (before - after).abs().amax(dim=(1, 2)) > 0
+    assert [c for c in range(K) if moved[c]] == present
