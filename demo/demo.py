@@ -32,14 +32,16 @@ def main(argv=None):
     args = p.parse_args(argv)
 
     cfg = build_cfg(args.config_file, args.opts)
-    register_datasets_for(cfg)
+    if not cfg.MODEL.WEIGHTS:
+        sys.exit("no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth")
+    if "://" not in cfg.MODEL.WEIGHTS and not os.path.isfile(cfg.MODEL.WEIGHTS):
+        sys.exit(f"MODEL.WEIGHTS file not found: {cfg.MODEL.WEIGHTS}")
     paths = sorted({f for pattern in args.input for f in (glob.glob(os.path.expanduser(pattern)) or [pattern])})
     missing = [f for f in paths if not os.path.isfile(f)]
     if missing:
         sys.exit(f"input file(s) not found: {missing}")
+    register_datasets_for(cfg)
     model = build_model(cfg)
-    if not cfg.MODEL.WEIGHTS:
-        sys.exit("no weights: pass --opts MODEL.WEIGHTS path/to/model_final.pth")
     DetectionCheckpointer(model).load(cfg.MODEL.WEIGHTS)
     for dst in write_overlays(model, cfg, paths, args.output, args.confidence_threshold):
         print(dst)

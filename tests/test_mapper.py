@@ -151,8 +151,13 @@ def test_missing_and_corrupt_image_named(tmp_path):
         mapper_with(augs)(bad)
     corrupt = tmp_path / "corrupt.png"
     corrupt.write_bytes(b"\x89PNG not really")
+    # training skips it (None: the loader draws another image) and counts it
+    mapper = mapper_with(augs)
+    assert mapper(dict(rec, file_name=str(corrupt))) is None
+    assert mapper.num_skipped_unreadable == 1
+    # evaluation cannot skip an image: the error names the file
     with pytest.raises(ValueError, match="corrupt.png"):
-        mapper_with(augs)(dict(rec, file_name=str(corrupt)))
+        BoxSupTestMapper(augmentations=[], image_format="RGB")(dict(rec, file_name=str(corrupt)))
 
 
 def test_mapper_from_config_checks_consistency(cfg):

@@ -1,4 +1,6 @@
 """AdamW parameter groups and full-model gradient clipping."""
+import os
+
 import torch
 from torch import nn
 
@@ -35,9 +37,54 @@ def test_groups(cfg):
     assert group_of(groups, m.head.weight)["lr"] == 1e-4
     assert group_of(groups, m.norm.weight)["weight_decay"] == 0.0
     assert group_of(groups, m.query_embed.weight)["weight_decay"] == 0.0
-    assert group_of(groups, m.level_embed)["weight_decay"] == 0.0
+    # a plain nn.Parameter called level_embed (the pixel decoder's) is not an embedding
+    assert group_of(groups, m.level_embed)["weight_decay"] == 0.05
     # parameters with equal settings share one group
     assert len(groups) == 4
+
+
+class SwinLike(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.relative_position_bias_table = nn.Parameter(torch.zeros(9, 2))
+        self.absolute_pos_embed = nn.Parameter(torch.zeros(1, 4, 2))
+        self.proj = nn.Linear(2, 2)
+
+
+def test_swin_position_tables_get_no_decay(cfg):
+    cfg.SOLVER.WEIGHT_DECAY = 0.05
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.25
+    m = SwinLike()
+    groups = param_groups(cfg, m)
+    assert group_of(groups, m.relative_position_bias_table)["weight_decay"] == 0.0
+    assert group_of(groups, m.absolute_pos_embed)["weight_decay"] == 0.0
+    assert group_of(groups, m.proj.weight)["weight_decay"] == 0.05
+
+
+def test_model_groups_follow_upstream_mask2former(cfg):
+    """Upstream: decoder embeddings (nn.Embedding) get WEIGHT_DECAY_EMBED, the pixel
+    decoder's level_embed (a Parameter) the normal WEIGHT_DECAY."""
+    import mask2former_sim.modeling  # noqa: F401
+    from detectron2.modeling import build_model
+
+    from mask2former_sim.engine.setup import build_cfg
+
+    config = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                          "configs", "synthetic", "boxinst_R18_synth.yaml")
+    cfg = build_cfg(config, [
+        "MODEL.SEM_SEG_HEAD.TRANSFORMER_ENC_LAYERS", "1", "MODEL.MASK_FORMER.DEC_LAYERS", "2",
+        "SOLVER.WEIGHT_DECAY", "0.05", "SOLVER.WEIGHT_DECAY_EMBED", "0.25",
+    ])
+    model = build_model(cfg)
+    groups = param_groups(cfg, model)
+    params = dict(model.named_parameters())
+    decay = {name: group_of(groups, p)["weight_decay"] for name, p in params.items()}
+    assert decay["pixel_decoder.transformer.level_embed"] == 0.05
+    for name in ("predictor.query_feat.weight", "predictor.query_embed.weight", "predictor.level_embed.weight"):
+        assert decay[name] == 0.25, name
+    embeds = {n for n, v in decay.items() if v == 0.25}
+    assert embeds == {"predictor.query_feat.weight", "predictor.query_embed.weight", "predictor.level_embed.weight"}
+    assert decay["predictor.class_embed.weight"] == 0.05
 
 
 def test_full_model_clipping_clips_the_global_norm():

@@ -94,7 +94,11 @@ def test_training_reduces_loss_and_evaluation_returns_ap(tmp_path):
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.9 * first, (first, last)
     assert "segm" in results and "bbox" in results
-    assert 0.0 <= results["segm"]["AP"] <= 100.0
+    # floors an untrained model cannot reach: on this setting the untrained model scores
+    # segm AP 0.0 / bbox AP 0.0 (seeds 0, 1, 2); after these 40 iterations 0.25 / 1.2
+    # (seed 0; seeds 1, 2: 0.24 / 2.3, 0.34 / 3.7)
+    assert 0.1 <= results["segm"]["AP"] <= 100.0, results["segm"]
+    assert 0.3 <= results["bbox"]["AP"] <= 100.0, results["bbox"]
     # detectron2's writers: metrics.json and TensorBoard events
     assert os.path.isfile(tmp_path / "out" / "metrics.json")
     assert glob.glob(str(tmp_path / "out" / "events.out.tfevents.*"))

@@ -39,7 +39,12 @@ def main(argv=None):
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
 
-    cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", args.output_dir] + args.opts)
+    try:
+        cfg = build_cfg(args.config_file, ["MODEL.DEVICE", "cpu", "OUTPUT_DIR", args.output_dir] + args.opts)
+    except FileNotFoundError as e:
+        p.error(str(e))
+    except (KeyError, AssertionError, ValueError) as e:  # yacs names the key
+        p.error(f"invalid config ({args.config_file} with overrides {args.opts}): {e}")
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     setup_logger(cfg.OUTPUT_DIR)
     setup_logger(cfg.OUTPUT_DIR, name="mask2former_sim")
@@ -48,6 +53,7 @@ def main(argv=None):
     t_data = time.time() - t0
 
     trainer = Trainer(cfg)
+    cfg = trainer.cfg  # scaled by SOLVER.REFERENCE_WORLD_SIZE, when set
     trainer.resume_or_load(resume=False)
     t1 = time.time()
     trainer.train()

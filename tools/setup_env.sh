@@ -4,9 +4,24 @@
 #   tools/setup_env.sh            create/refresh .venv, install torch, detectron2, the project
 #   BUILD_MSDA=1 tools/setup_env.sh   also compile third_party/MSDeformAttn (needs nvcc + CUDA torch)
 #
+# A user's detectron2 is kept. Without one, detectron2 v0.6 is built from its PyPI sdist with a
+# stub C++ extension (environment-report functions only, no ops); a .venv made by an older
+# set-up, whose stub is empty (train_net.py then fails in collect_env_info), is rebuilt.
+#
 # Environment knobs: VENV (path), PYTHON (interpreter used to create the venv),
 # TORCH_SPEC / TORCHVISION_SPEC (pip requirement strings for the torch pair).
 set -euo pipefail
+
+case "${1:-}" in
+  -h|--help)
+    # the header comment above is the usage
+    sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'
+    exit 0 ;;
+  "") ;;
+  *)
+    printf 'tools/setup_env.sh: unknown argument %s (no arguments; --help for the environment knobs)\n' "$1" >&2
+    exit 2 ;;
+esac
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -53,12 +68,52 @@ else
 fi
 
 # 2. detectron2: keep the user's, otherwise build the PyPI sdist of v0.6 without C++ ops.
-if "$PY" -c "import detectron2" >/dev/null 2>&1; then
-  say "detectron2 already importable: $("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)')"
-else
+#    The sdist's C++ sources are replaced by a stub (vision.cpp below) that exports only what
+#    detectron2's environment report calls (collect_env_info: get_compiler_version,
+#    get_cuda_version, has_cuda). A .venv built by an older set-up has an EMPTY stub, on which
+#    train_net.py's default_setup crashes: that one is rebuilt; a full source build is kept.
+d2_state="$("$PY" - <<'PYEOF'
+import importlib.metadata
+try:
+    import detectron2  # noqa: F401
+except Exception:
+    print("missing")
+    raise SystemExit
+try:
+    import detectron2._C as c
+except ImportError:
+    print("keep")  # no extension at all: collect_env_info reports that itself
+    raise SystemExit
+if all(hasattr(c, f) for f in ("get_compiler_version", "get_cuda_version")):
+    print("keep")
+else:
+    try:
+        importlib.metadata.version("pb1-detectron2")
+        print("old-stub")  # ours, from an older set-up: rebuild it
+    except importlib.metadata.PackageNotFoundError:
+        print("foreign-incomplete")
+PYEOF
+)"
+d2_pip_extra=()
+case "$d2_state" in
+  keep)
+    say "detectron2 already importable: $("$PY" -c 'import detectron2; print(detectron2.__version__, detectron2.__file__)')" ;;
+  foreign-incomplete)
+    say "WARNING: detectron2 at $("$PY" -c 'import detectron2; print(detectron2.__file__)') has a C++ extension" \
+        "without get_compiler_version/get_cuda_version: detectron2's environment report (train_net.py's" \
+        "default_setup) will fail; rebuild that detectron2 from source, or uninstall it and rerun this script" >&2 ;;
+  old-stub)
+    say "detectron2._C is the empty stub of an older set-up (no get_compiler_version): rebuilding detectron2"
+    d2_pip_extra=(--force-reinstall --no-deps) ;;
+  missing)
+    say "detectron2 not importable: building $D2_SDIST_NAME==$D2_SDIST_VERSION from its sdist" ;;
+  *)
+    say "could not inspect detectron2 with $PY (got '$d2_state')" >&2
+    exit 1 ;;
+esac
+if [ "$d2_state" = "missing" ] || [ "$d2_state" = "old-stub" ]; then
   work="$(mktemp -d)"
   trap 'rm -rf "$work"' EXIT
-  say "detectron2 not importable: building $D2_SDIST_NAME==$D2_SDIST_VERSION from its sdist"
   url="$("$PY" - "$D2_SDIST_NAME" "$D2_SDIST_VERSION" <<'PYEOF'
 import re, sys, urllib.request
 name, version = sys.argv[1], sys.argv[2]
@@ -84,14 +139,52 @@ PYEOF
   tar -xzf "$work/d2.tar.gz" -C "$work"
   src="$(find "$work" -maxdepth 1 -type d -name "${D2_SDIST_NAME}-*" | head -n1)"
   mkdir -p "$src/detectron2/layers/csrc"
-  # The sdist ships setup.py's C++ extension list but not its sources: give it one empty
-  # translation unit so the build succeeds; the ops that need C++ are not used here.
+  # The sdist ships setup.py's C++ extension list but not its sources. This one translation
+  # unit makes the build succeed and answers the environment report honestly; the C++/CUDA
+  # ops themselves are not used by this project, and asking for one names what is missing.
   cat > "$src/detectron2/layers/csrc/vision.cpp" <<'CPPEOF'
 #include <torch/extension.h>
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {}
+#include <string>
+
+namespace {
+
+// The compiler that built this stub, from its predefined macros.
+std::string stub_compiler_version() {
+#if defined(__clang__)
+  return "clang " + std::to_string(__clang_major__) + "." + std::to_string(__clang_minor__) + "." +
+         std::to_string(__clang_patchlevel__);
+#elif defined(__GNUC__)
+  return "GCC " + std::to_string(__GNUC__) + "." + std::to_string(__GNUC_MINOR__) + "." +
+         std::to_string(__GNUC_PATCHLEVEL__);
+#elif defined(_MSC_VER)
+  return "MSVC " + std::to_string(_MSC_FULL_VER);
+#else
+  return "unknown C++ compiler";
+#endif
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() =
+      "detectron2 C++ extension stub built by mask2former-sim's tools/setup_env.sh: environment "
+      "report functions only, no C++/CUDA ops.";
+  m.def("get_compiler_version", &stub_compiler_version,
+        "compiler that built this extension (a stub without C++/CUDA ops)");
+  m.def("get_cuda_version", []() { return std::string("not built with CUDA ops"); },
+        "CUDA version the ops were built with: none, this stub has no ops");
+  m.def("has_cuda", []() { return false; }, "whether CUDA ops were built: never in this stub");
+  // PEP 562 module __getattr__: any other name (an op) fails with a message saying why.
+  m.attr("__getattr__") = py::cpp_function([](const std::string& name) -> py::object {
+    throw py::attribute_error(
+        "detectron2._C has no '" + name +
+        "': this detectron2 was built by tools/setup_env.sh without its C++/CUDA ops; the code "
+        "path that needs it is not supported here (install a source-built detectron2 to use it)");
+  });
+}
 CPPEOF
   say "pip install --no-build-isolation $src (about a minute)"
-  FORCE_CUDA=0 pip_install -q --no-build-isolation "$src"
+  FORCE_CUDA=0 pip_install -q --no-build-isolation "${d2_pip_extra[@]}" "$src"
 fi
 
 # 3. The project, editable, with its Python dependencies.
@@ -104,5 +197,8 @@ if [ "${BUILD_MSDA:-0}" = "1" ]; then
 fi
 
 "$PY" -c "import mask2former_sim, detectron2, torch; print('[setup] ok: torch', torch.__version__, '| detectron2', detectron2.__version__, '| mask2former_sim', mask2former_sim.__version__)"
+# detectron2's environment report is what train_net.py's default_setup prints first
+"$PY" -c "from detectron2.utils.collect_env import collect_env_info; collect_env_info()" \
+  || { say "detectron2's collect_env_info() fails in $VENV (see above)" >&2; exit 1; }
 fingerprint > "$STAMP"
 say "done in $(( $(date +%s) - t0 )) s"

@@ -17,7 +17,7 @@ default ./datasets):
 import json
 import logging
 import os
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -48,6 +48,9 @@ def load_coco_instances(
     unknown category id, annotation for an unknown image, missing image file (when
     ``check_files``). Images left with no annotation are kept (the dataloader's
     FILTER_EMPTY_ANNOTATIONS drops them for training with a logged count).
+
+    ``iscrowd: 1`` annotations are left out of the records (they never become box targets)
+    and counted in the log; COCO evaluation reads them from the json itself, as ignore regions.
 
     With ``box_only`` the records carry no ``segmentation``; otherwise every annotation
     must have one (polygons or RLE).
@@ -97,7 +100,10 @@ def load_coco_instances(
             "annotations": [],
         }
 
+    num_crowd = 0
     for ann in data["annotations"]:
+        if not isinstance(ann, dict):
+            _fail(json_file, f"annotation {ann!r} is not an object")
         ann_id = ann.get("id", "?")
         image_id = ann.get("image_id")
         if image_id not in images:
@@ -111,7 +117,8 @@ def load_coco_instances(
         if w < 0 or h < 0:
             _fail(json_file, f"annotation {ann_id} (image {image_id}): bbox {bbox} has negative size")
         if ann.get("iscrowd", 0):
-            continue  # crowd regions are not instances; COCO training ignores them
+            num_crowd += 1  # crowd regions are not instances: never a box target
+            continue
         record = {
             "bbox": [x, y, x + w, y + h],
             "bbox_mode": BoxMode.XYXY_ABS,
@@ -135,7 +142,40 @@ def load_coco_instances(
         "Loaded %d images, %d instances (%s) from %s", len(records), n_ann,
         "boxes only" if box_only else "with masks", json_file,
     )
+    if num_crowd:
+        logger.info(
+            "Left out %d iscrowd annotations of %s (never box targets; COCO evaluation treats "
+            "them as ignore regions)", num_crowd, json_file,
+        )
     return records
+
+
+_categories_cache: Dict[tuple, List[Dict]] = {}
+
+
+def read_coco_categories(json_file: str) -> List[Dict]:
+    """The ``categories`` of a COCO json, sorted by id (cached by path, size and mtime).
+
+    Raises FileNotFoundError / DatasetFormatError naming the file, like ``load_coco_instances``.
+    """
+    if not os.path.isfile(json_file):
+        raise FileNotFoundError(f"annotation file not found: {json_file}")
+    st = os.stat(json_file)
+    key = (os.path.abspath(json_file), st.st_size, st.st_mtime_ns)
+    if key not in _categories_cache:
+        try:
+            with open(json_file) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as e:
+            raise DatasetFormatError(f"{json_file}: malformed json ({e})") from e
+        cats = data.get("categories") if isinstance(data, dict) else None
+        if not isinstance(cats, list) or not cats:
+            _fail(json_file, "missing, empty or non-list 'categories'")
+        for c in cats:
+            if not isinstance(c, dict) or "id" not in c or "name" not in c:
+                _fail(json_file, f"category {c!r} lacks 'id' or 'name'")
+        _categories_cache[key] = sorted(cats, key=lambda c: c["id"])
+    return _categories_cache[key]
 
 
 def register_coco_json(
@@ -145,20 +185,25 @@ def register_coco_json(
     *,
     box_only: bool,
     check_files: bool = True,
+    prepare: Optional[Callable[[], object]] = None,
     **metadata,
 ) -> None:
     """Register a COCO-format json as detectron2 dataset ``name`` (loaded lazily).
 
-    Boxes suffice: with ``box_only=True`` annotations need no ``segmentation``.
+    Boxes suffice: with ``box_only=True`` annotations need no ``segmentation``. ``prepare``,
+    if given, runs before every load (e.g. generates the files on first use).
     """
     if name in DatasetCatalog.list():
         raise ValueError(f"dataset '{name}' is already registered")
-    DatasetCatalog.register(
-        name,
-        lambda: load_coco_instances(
+
+    def load() -> List[Dict]:
+        if prepare is not None:
+            prepare()
+        return load_coco_instances(
             json_file, image_root, box_only=box_only, check_files=check_files, dataset_name=name
-        ),
-    )
+        )
+
+    DatasetCatalog.register(name, load)
     MetadataCatalog.get(name).set(
         json_file=json_file,
         image_root=image_root,
@@ -168,24 +213,53 @@ def register_coco_json(
     )
 
 
+# name: (image dir, json, box_only, number of categories), paths under the datasets root
 _BUILTIN = {
-    "coco_2017_train_box": ("coco/train2017", "coco/annotations/instances_train2017.json", True),
-    "coco_2017_train_full": ("coco/train2017", "coco/annotations/instances_train2017.json", False),
-    "coco_2017_val_full": ("coco/val2017", "coco/annotations/instances_val2017.json", False),
-    "voc_2012_train_aug_box": ("VOC2012/JPEGImages", "VOC2012/annotations/voc_2012_train_aug_cocostyle.json", True),
-    "voc_2012_val_full": ("VOC2012/JPEGImages", "VOC2012/annotations/voc_2012_val_cocostyle.json", False),
+    "coco_2017_train_box": ("coco/train2017", "coco/annotations/instances_train2017.json", True, 80),
+    "coco_2017_train_full": ("coco/train2017", "coco/annotations/instances_train2017.json", False, 80),
+    "coco_2017_val_full": ("coco/val2017", "coco/annotations/instances_val2017.json", False, 80),
+    "voc_2012_train_aug_box": ("VOC2012/JPEGImages", "VOC2012/annotations/voc_2012_train_aug_cocostyle.json", True, 20),
+    "voc_2012_val_full": ("VOC2012/JPEGImages", "VOC2012/annotations/voc_2012_val_cocostyle.json", False, 20),
 }
+BUILTIN_NAMES = tuple(_BUILTIN)
+
+_builtin_registered: Dict[str, tuple] = {}
 
 
 def register_builtin_datasets(root: Optional[str] = None) -> None:
-    """Register COCO 2017 and VOC 2012 (aug) under ``root`` ($DETECTRON2_DATASETS). Idempotent."""
-    root = root or os.path.expanduser(os.getenv("DETECTRON2_DATASETS", "datasets"))
-    for name, (image_dir, json_rel, box_only) in _BUILTIN.items():
+    """Register COCO 2017 and VOC 2012 (aug) under ``root`` (default $DETECTRON2_DATASETS, else
+    ./datasets). Lazy: nothing is read before ``DatasetCatalog.get``.
+
+    Calling again with the same root does nothing; with another root the names are registered
+    again there. A name that someone else registered first is left alone.
+    """
+    root = os.path.expanduser(root or os.getenv("DETECTRON2_DATASETS", "datasets"))
+    for name, (image_dir, json_rel, box_only, num_categories) in _BUILTIN.items():
+        key = (os.path.join(root, json_rel), os.path.join(root, image_dir), box_only)
         if name in DatasetCatalog.list():
-            continue
+            if name not in _builtin_registered or _builtin_registered[name] == key:
+                continue
+            DatasetCatalog.remove(name)
+            MetadataCatalog.remove(name)
         # large datasets: checking 118k files at every load costs seconds; the mapper
         # raises a clear error on a missing image instead
         register_coco_json(
-            name, os.path.join(root, json_rel), os.path.join(root, image_dir),
-            box_only=box_only, check_files=False,
+            name, key[0], key[1], box_only=box_only, check_files=False, num_categories=num_categories,
         )
+        _builtin_registered[name] = key
+
+
+def dataset_num_classes(name: str) -> Optional[int]:
+    """Number of categories of registered dataset ``name`` without loading its records:
+    from its metadata (thing_classes, or the built-in count), else from the categories of
+    its json (read once and cached). None when it cannot be told (the json is not there yet).
+    """
+    meta = MetadataCatalog.get(name)
+    if meta.get("thing_classes") is not None:
+        return len(meta.thing_classes)
+    if meta.get("num_categories") is not None:
+        return int(meta.num_categories)
+    json_file = meta.get("json_file")
+    if json_file and os.path.isfile(json_file):
+        return len(read_coco_categories(json_file))
+    return None

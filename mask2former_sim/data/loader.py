@@ -83,7 +83,8 @@ class PositionalTrainStream(IterableDataset):
             index = int(np.random.default_rng([self.seed, position, retry]).integers(len(self.records)))
         raise RuntimeError(
             f"{_MAX_RETRIES} consecutive training images were skipped (no box left after "
-            "augmentation): check the dataset and INPUT.MIN_BOX_SIZE"
+            "augmentation, or an unreadable image file; see the log): check the dataset and "
+            "INPUT.MIN_BOX_SIZE"
         )
 
     def __iter__(self):

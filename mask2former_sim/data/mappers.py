@@ -8,15 +8,20 @@ Training output per image (dict):
                  crop's padding; built by applying the transforms to an all-ones map
     height, width, file_name, image_id   copied from the record
 
-Boxes are the annotated boxes, transformed and clipped: never derived from masks.
+Boxes are the annotated boxes, transformed and clipped: never derived from masks. The
+training mapper returns None (the loader draws another image; both are counted in the log)
+for an image whose crop keeps no box and for a corrupt or truncated image file; a missing
+file is an error naming it.
 """
 import copy
 import logging
+import os
 from typing import Dict, List, Optional
 
 import numpy as np
 import pycocotools.mask as mask_util
 import torch
+from PIL import Image
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -26,14 +31,60 @@ from detectron2.utils.logger import log_every_n_seconds
 logger = logging.getLogger(__name__)
 
 
-def read_image_checked(file_name: str, image_format: str) -> np.ndarray:
-    """Read an image, with an error naming the file when it is missing or unreadable."""
+class ImageDecodeError(ValueError):
+    """An image file exists but cannot be decoded (corrupt, truncated, not an image)."""
+
+
+# EXIF orientation (tag 0x0112) -> the transpose that shows the image upright
+_EXIF_ORIENTATION = 0x0112
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _exif_upright(img: Image.Image) -> Image.Image:
     try:
-        return utils.read_image(file_name, format=image_format)
-    except FileNotFoundError as e:
-        raise FileNotFoundError(f"image file not found: {file_name}") from e
-    except Exception as e:  # PIL raises UnidentifiedImageError, OSError, ... on corrupt files
-        raise ValueError(f"cannot decode image {file_name}: {e}") from e
+        orientation = int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # unreadable EXIF block: no orientation, as detectron2's reader does
+        orientation = 1
+    method = _UPRIGHT.get(orientation)
+    return img.transpose(method) if method is not None else img
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit / 32-bit integer grayscale scaled to 0..255 (PIL's convert would clip at 255)."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and (img.getextrema()[1] or 0) > 255):
+        arr = np.asarray(img, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(arr / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img
+
+
+def read_image_checked(file_name: str, image_format: str) -> np.ndarray:
+    """Read an image upright (EXIF orientation applied) as uint8 HWC in ``image_format``.
+
+    Grayscale, 16-bit grayscale, RGBA / LA (alpha dropped), palette and CMYK files become
+    RGB (then BGR or L if asked). A missing file raises FileNotFoundError naming it; a file
+    that cannot be decoded (corrupt, truncated) raises ``ImageDecodeError`` naming it.
+    """
+    if not os.path.isfile(file_name):
+        raise FileNotFoundError(f"image file not found: {file_name}")
+    try:
+        with Image.open(file_name) as img:
+            img.load()  # decode everything now: a truncated file fails here
+            img = _to_8bit(_exif_upright(img))
+            if image_format in ("RGB", "BGR") and img.mode != "RGB":
+                img = img.convert("RGB")
+            image = utils.convert_PIL_to_numpy(img, image_format)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        # PIL raises UnidentifiedImageError (an OSError), OSError("image file is truncated"), ...
+        raise ImageDecodeError(f"cannot decode image {file_name}: {e}") from e
+    return np.ascontiguousarray(image)
 
 
 def annotation_mask(segm, height: int, width: int) -> np.ndarray:
@@ -88,6 +139,7 @@ class BoxSupDatasetMapper:
         self.skip_empty = skip_empty
         self.num_seen = 0
         self.num_skipped_empty = 0
+        self.num_skipped_unreadable = 0
         logger.info(
             "BoxSupDatasetMapper (%s): %s", "full masks" if keep_masks else "boxes only", augmentations
         )
@@ -115,7 +167,22 @@ class BoxSupDatasetMapper:
     def __call__(self, dataset_dict: Dict) -> Optional[Dict]:
         record = copy.deepcopy(dataset_dict)
         annos = record.pop("annotations", [])
-        image = read_image_checked(record["file_name"], self.image_format)
+        try:
+            image = read_image_checked(record["file_name"], self.image_format)
+        except ImageDecodeError as e:
+            # a corrupt or truncated file: skip it (the loader draws another image) and count
+            # it; a missing file is not skipped (FileNotFoundError names it)
+            self.num_seen += 1
+            self.num_skipped_unreadable += 1
+            message = (
+                f"Skipped {self.num_skipped_unreadable} unreadable training image(s) of "
+                f"{self.num_seen} seen (a fresh image is drawn instead); latest: {e}"
+            )
+            if self.num_skipped_unreadable <= 20:
+                logger.warning(message)
+            else:
+                log_every_n_seconds(logging.WARNING, message, n=60, name=__name__)
+            return None
         utils.check_image_size(record, image)
         orig_h, orig_w = image.shape[:2]
 
@@ -123,7 +190,9 @@ class BoxSupDatasetMapper:
         transforms = self.augmentations(aug_input)
         image = aug_input.image
         h, w = image.shape[:2]
-        valid = transforms.apply_segmentation(np.ones((orig_h, orig_w), dtype=np.uint8)) > 0
+        # == 1, not > 0: padding of segmentations may be any value (newer detectron2 pads them
+        # with 255 in FixedSizeCrop), only pixels that came from the image carry the 1
+        valid = transforms.apply_segmentation(np.ones((orig_h, orig_w), dtype=np.uint8)) == 1
 
         boxes = np.zeros((0, 4), dtype=np.float64)
         if annos:
@@ -168,7 +237,7 @@ class BoxSupDatasetMapper:
                         "segmentation, but full-mask supervision was asked for"
                     )
                 m = annotation_mask(annos[i]["segmentation"], orig_h, orig_w)
-                masks.append(transforms.apply_segmentation(m) > 0)
+                masks.append(transforms.apply_segmentation(m) == 1)  # padding is not object
             mask_tensor = (
                 torch.from_numpy(np.stack(masks)) if masks else torch.zeros((0, h, w), dtype=torch.bool)
             )

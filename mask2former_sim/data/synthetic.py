@@ -13,7 +13,8 @@ Every painted object is annotated with its *visible* mask (later objects are pai
 top); a placement that would leave an instance too hidden is resampled.
 
     json_file, image_root = ensure_synthetic_dataset(root, "train", SyntheticSpec(num_images=600))
-    register_synthetic_datasets()          # synth_train (boxes only), synth_val (with masks)
+    register_synthetic_datasets()          # synth_train (boxes only), synth_val (with masks);
+                                           # generated on the first DatasetCatalog.get
 
 CLI: ``python -m mask2former_sim.data.synthetic --root DIR [--preview out.png]``.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -678,11 +680,14 @@ def register_synthetic_datasets(
     seed: int = 0,
     **spec_overrides,
 ) -> None:
-    """Generate (if needed) and register ``synth_train`` (boxes only), ``synth_val`` (masks)
-    and ``synth_train_full`` (the training split with masks, for the fully supervised upper bound).
+    """Register ``synth_train`` (boxes only), ``synth_val`` (masks) and ``synth_train_full``
+    (the training split with masks, for the fully supervised upper bound).
 
-    ``spec_overrides`` are further ``SyntheticSpec`` fields, shared by both splits. Calling again
-    with the same arguments only re-checks the cache; other arguments re-register both names.
+    Lazy: a split is generated (if its cache is not current) on the first ``DatasetCatalog.get``
+    of a name that reads it, so registering writes nothing (``import mask2former_sim`` registers
+    the defaults). ``spec_overrides`` are further ``SyntheticSpec`` fields, shared by both
+    splits. Calling again with the same arguments does nothing; other arguments re-register
+    the names.
     """
     from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -702,7 +707,6 @@ def register_synthetic_datasets(
     thing_classes = list(CLASS_NAMES)
     id_map = {i + 1: i for i in range(len(CLASS_NAMES))}
     for name, (split, spec, box_only) in specs.items():
-        json_file, image_root = ensure_synthetic_dataset(root, split, spec)
         key = (root, split, spec, box_only)
         if _registered.get(name) == key and name in DatasetCatalog.list():
             continue
@@ -710,12 +714,15 @@ def register_synthetic_datasets(
             DatasetCatalog.remove(name)
         if name in MetadataCatalog.list():
             MetadataCatalog.remove(name)
+        # the paths ensure_synthetic_dataset writes to (it returns them on each load)
+        split_dir = os.path.join(root, split)
         register_coco_json(
-            name, json_file, image_root, box_only=box_only,
+            name, os.path.join(split_dir, _ANNOTATIONS), os.path.join(split_dir, _IMAGES),
+            box_only=box_only, prepare=functools.partial(ensure_synthetic_dataset, root, split, spec),
             thing_classes=thing_classes, thing_dataset_id_to_contiguous_id=id_map,
         )
         _registered[name] = key
-        logger.info("Registered %s (%s) from %s", name, "boxes only" if box_only else "with masks", json_file)
+        logger.debug("Registered %s (%s) in %s", name, "boxes only" if box_only else "with masks", split_dir)
 
 
 def register_synthetic_datasets_from_cfg(cfg) -> None:

@@ -172,9 +172,8 @@ def _batch_crops(batch: List[Dict], cfg, generator: torch.Generator, device) -> 
     bp = cfg.MODEL.BACKBONE_PRETRAIN
     mean = torch.tensor(cfg.MODEL.PIXEL_MEAN, device=device).view(3, 1, 1)
     std = torch.tensor(cfg.MODEL.PIXEL_STD, device=device).view(3, 1, 1)
+    # in INPUT.FORMAT, as the detector's backbone sees them (meta_arch.preprocess)
     images = [r["image"].to(device).float() for r in batch]
-    if cfg.INPUT.FORMAT == "BGR":
-        images = [im.flip(0) for im in images]
     padded = ImageList.from_tensors([(im - mean) / std for im in images]).tensor
     windows = [
         crop_windows(r["instances"].gt_boxes.tensor, tuple(bp.CONTEXT), bp.JITTER, generator).to(device)

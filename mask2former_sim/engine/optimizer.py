@@ -12,12 +12,16 @@ _NORMS = (
     nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.GroupNorm,
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.LayerNorm, nn.LocalResponseNorm, FrozenBatchNorm2d,
 )
-# parameters that are embeddings although not held by an nn.Embedding
-_EMBED_NAMES = ("relative_position_bias_table", "absolute_pos_embed", "level_embed", "pos_embed")
+# Swin's position tables: no weight decay (upstream Mask2Former sets 0.0 for them by name).
+# Nothing else is matched by name: the pixel decoder's level_embed (an nn.Parameter) gets the
+# normal WEIGHT_DECAY as upstream; only nn.Embedding modules (the decoder's query_feat,
+# query_embed, level_embed) get WEIGHT_DECAY_EMBED.
+_NO_DECAY_NAMES = ("relative_position_bias_table", "absolute_pos_embed")
 
 
 def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
-    """Backbone LR multiplier, no decay on norms, embed decay on embeddings.
+    """Backbone LR multiplier, WEIGHT_DECAY_NORM on norms, WEIGHT_DECAY_EMBED on nn.Embedding,
+    no decay on Swin's position tables, WEIGHT_DECAY on everything else.
 
     Parameters sharing (lr, weight_decay) share a group, so the optimizer's multi-tensor
     (foreach) step handles each group in a few kernels instead of one per parameter.
@@ -36,8 +40,10 @@ def param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
                 lr = base_lr * cfg.SOLVER.BACKBONE_MULTIPLIER
             if isinstance(module, _NORMS):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_NORM
-            if isinstance(module, nn.Embedding) or any(k in name for k in _EMBED_NAMES):
+            if isinstance(module, nn.Embedding):
                 weight_decay = cfg.SOLVER.WEIGHT_DECAY_EMBED
+            if name in _NO_DECAY_NAMES:
+                weight_decay = 0.0
             grouped.setdefault((lr, weight_decay), []).append(param)
     return [{"params": params, "lr": lr, "weight_decay": wd} for (lr, wd), params in grouped.items()]
 
