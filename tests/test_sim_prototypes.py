@@ -113,6 +113,28 @@ def test_semantic_maps_against_loop():
     assert semantic_maps(feats, protos, batch_idx[:0], classes[:0]).shape == (0, h, w)
 
 
+def test_per_image_slices_give_the_same_maps_and_update():
+    """gts_per_image (the criterion's GT counts, GTs ordered by image) only changes how the work is
+    split: the semantic maps and the prototype update equal the per-image masking path's; wrong counts
+    are an error."""
+    g = torch.Generator().manual_seed(5)
+    b, d, h, w, c, k = 3, 8, 5, 6, 4, 3
+    feats = normalize_features(torch.randn(b, d, h, w, generator=g))
+    batch_idx = torch.tensor([0, 0, 2, 2, 2])  # image 1 has no GT
+    classes = torch.tensor([1, 3, 1, 1, 0])
+    per_image = [2, 0, 3]
+    masks = torch.rand(5, h, w, generator=g) > 0.4
+    a, bm = PrototypeMemory(c, k, d, momentum=0.5, seed=1), PrototypeMemory(c, k, d, momentum=0.5, seed=1)
+    torch.testing.assert_close(a.semantic_maps(feats, batch_idx, classes, 0.5),
+                               bm.semantic_maps(feats, batch_idx, classes, 0.5, per_image), rtol=0, atol=1e-6)
+    sa = a.update(feats, masks, batch_idx, classes)
+    sb = bm.update(feats, masks, batch_idx, classes, per_image)
+    torch.testing.assert_close(a.prototypes, bm.prototypes, rtol=0, atol=1e-6)
+    assert int(sa["num_updated"]) == int(sb["num_updated"]) > 0
+    with pytest.raises(ValueError, match="number of GTs of each"):
+        bm.update(feats, masks, batch_idx, classes, [2, 3])
+
+
 def test_normalize_features_unit_norm_fp32():
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64) * 7
     y = normalize_features(x)

@@ -31,7 +31,7 @@ host (the all-reduce is a device collective).
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -99,13 +99,41 @@ def _check_gt_inputs(features: Tensor, batch_idx: Tensor, classes: Tensor) -> No
         )
 
 
-def _gt_scores(flat: Tensor, protos_of_gt: Tensor, batch_idx: Tensor, max_over_k: bool) -> Tensor:
+def _image_slices(batch_idx: Tensor, num_images: int, gts_per_image: Optional[Sequence[int]]):
+    """(image, GT slice) pairs when ``gts_per_image`` (GTs per image, host ints, GTs ordered by image as the
+    criterion orders them) is given; else None (callers then mask per image)."""
+    if gts_per_image is None:
+        return None
+    counts = [int(n) for n in gts_per_image]
+    if len(counts) != num_images or sum(counts) != batch_idx.shape[0]:
+        raise ValueError(
+            f"counts {counts} must give the number of GTs of each of the {num_images} images "
+            f"({batch_idx.shape[0]} GTs in all)"
+        )
+    out, start = [], 0
+    for b, n in enumerate(counts):
+        if n:
+            out.append((b, slice(start, start + n)))
+        start += n
+    return out
+
+
+def _gt_scores(flat: Tensor, protos_of_gt: Tensor, batch_idx: Tensor, max_over_k: bool,
+               gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
     """⟨f̂_{b_g}(u), P_{c_g,k}⟩ for every GT g: flat (B, D, N), protos_of_gt (G, K, D) ->
-    (G, K, N), or (G, N) with the max over k. One (G·K, D) x (D, N) product per image b,
-    kept for the GTs of image b (a loop over images, not GTs; no host sync)."""
+    (G, K, N), or (G, N) with the max over k. A loop over images, not GTs, with no host sync:
+    with ``gts_per_image`` (GTs ordered by image) one (G_b·K, D) x (D, N) product for the G_b GTs of
+    image b; without, one (G·K, D) x (D, N) product per image, kept for the GTs of that image."""
     b_count = flat.shape[0]
     g, k, _ = protos_of_gt.shape
     n = flat.shape[2]
+    slices = _image_slices(batch_idx, b_count, gts_per_image)
+    if slices is not None:
+        parts = [torch.matmul(protos_of_gt[sl], flat[b]) for b, sl in slices]  # (G_b, K, N)
+        if not parts:
+            return flat.new_zeros((g, n) if max_over_k else (g, k, n))
+        out = torch.cat(parts)
+        return out.amax(dim=1) if max_over_k else out
     out = flat.new_zeros((g, n) if max_over_k else (g, k, n))
     for b in range(b_count):
         s = torch.matmul(protos_of_gt, flat[b])  # (G, K, N)
@@ -118,10 +146,11 @@ def _gt_scores(flat: Tensor, protos_of_gt: Tensor, batch_idx: Tensor, max_over_k
 
 
 def semantic_maps(features: Tensor, prototypes: Tensor, batch_idx: Tensor, classes: Tensor,
-                  temperature: float = 1.0) -> Tensor:
+                  temperature: float = 1.0, gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
     """Eq.1 for the GTs only: features (B, D, H, W) L2-normalised per pixel (f-hat), prototypes (C, K, D)
     unit rows; GT g of image batch_idx[g] and class classes[g] -> S_g(u) = max_k sigmoid(<f(u), P_{c,k}>/tau).
-    Returns (G, H, W). (Do not build the (B, C, H, W) map of all classes: COCO has 80 classes.)"""
+    Returns (G, H, W). (Do not build the (B, C, H, W) map of all classes: COCO has 80 classes.)
+    ``gts_per_image`` (GTs ordered by image) lets each image's product cover its own GTs only."""
     _check_gt_inputs(features, batch_idx, classes)
     if not temperature > 0:
         raise ValueError(f"semantic_maps temperature must be > 0, got {temperature}")
@@ -132,7 +161,7 @@ def semantic_maps(features: Tensor, prototypes: Tensor, batch_idx: Tensor, class
     b, d, h, w = features.shape
     flat = features.float().reshape(b, d, h * w)
     protos = prototypes.float()[classes.long()]  # (G, K, D)
-    best = _gt_scores(flat, protos, batch_idx.long(), max_over_k=True)  # (G, HW)
+    best = _gt_scores(flat, protos, batch_idx.long(), max_over_k=True, gts_per_image=gts_per_image)  # (G, HW)
     return torch.sigmoid(best / temperature).reshape(-1, h, w)
 
 
@@ -176,12 +205,12 @@ class PrototypeMemory(nn.Module):
                 f"sinkhorn_iters={self.sinkhorn_iters}")
 
     def semantic_maps(self, features: Tensor, batch_idx: Tensor, classes: Tensor,
-                      temperature: float = 1.0) -> Tensor:
+                      temperature: float = 1.0, gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
         """Eq.1 with this memory's prototypes; see the module function ``semantic_maps``."""
-        return semantic_maps(features, self.prototypes, batch_idx, classes, temperature)
+        return semantic_maps(features, self.prototypes, batch_idx, classes, temperature, gts_per_image)
 
     def _local_sums(self, features: Tensor, pixel_masks: Tensor, batch_idx: Tensor,
-                    classes: Tensor):
+                    classes: Tensor, gts_per_image: Optional[Sequence[int]] = None):
         """Per-(c, k) feature sums (C, K, D) and pixel counts (C, K) of this process, and the
         number of pixels used."""
         c, k, d = self.prototypes.shape
@@ -206,7 +235,7 @@ class PrototypeMemory(nn.Module):
         rep = torch.where(same, idx[None, :], g).amin(dim=1)  # (G,) first GT of g's group
         union = torch.zeros(g, hw, device=device).index_add_(0, rep, masks) > 0  # (G, HW)
 
-        scores = _gt_scores(flat, self.prototypes.float()[classes], batch_idx, max_over_k=False)  # (G,K,HW)
+        scores = _gt_scores(flat, self.prototypes.float()[classes], batch_idx, max_over_k=False, gts_per_image=gts_per_image)  # (G,K,HW)
         # Every (GT, cell) is a row; cells outside X go to one dummy group (index G), ignored.
         rows = scores.permute(0, 2, 1).reshape(g * hw, k)
         pix_group = torch.where(union, idx[:, None], g).reshape(g * hw)
@@ -214,16 +243,21 @@ class PrototypeMemory(nn.Module):
         onehot = F.one_hot(q.argmax(dim=1), k).float().reshape(g, hw, k)
         onehot = onehot * union[:, :, None].float()  # (G, HW, K), zero outside X
 
-        per_gt_sums = torch.zeros(g, k, d, device=device)
-        for bi in range(b):
-            sel = onehot * (batch_idx == bi)[:, None, None].float()
-            per_gt_sums = per_gt_sums + torch.matmul(sel.transpose(1, 2), flat[bi].t())  # (G, K, D)
+        slices = _image_slices(batch_idx, b, gts_per_image)
+        if slices is not None:  # (G_b, K, HW) x (HW, D) per image
+            per_gt_sums = torch.cat([torch.matmul(onehot[sl].transpose(1, 2), flat[bi].t()) for bi, sl in slices])
+        else:
+            per_gt_sums = torch.zeros(g, k, d, device=device)
+            for bi in range(b):
+                sel = onehot * (batch_idx == bi)[:, None, None].float()
+                per_gt_sums = per_gt_sums + torch.matmul(sel.transpose(1, 2), flat[bi].t())  # (G, K, D)
         sums.index_add_(0, classes, per_gt_sums)
         counts.index_add_(0, classes, onehot.sum(dim=1))
         return sums, counts, union.sum().float()
 
     @torch.no_grad()
-    def update(self, features: Tensor, pixel_masks: Tensor, batch_idx: Tensor, classes: Tensor) -> Dict[str, Tensor]:
+    def update(self, features: Tensor, pixel_masks: Tensor, batch_idx: Tensor, classes: Tensor,
+               gts_per_image: Optional[Sequence[int]] = None) -> Dict[str, Tensor]:
         """Eq.2-5. features (B, D, H, W) f-hat; pixel_masks (G, H, W) bool = confident pixels of each GT
         (the caller passes T_g > 0.7 and B_g = 1); batch_idx/classes (G,). Pixel set X_c per (image,
         class) = union of the masks of that image's GTs of class c (a pixel counted once per group).
@@ -247,7 +281,7 @@ class PrototypeMemory(nn.Module):
                 f"got {tuple(pixel_masks.shape)}"
             )
         c, k, d = self.prototypes.shape
-        sums, counts, local_pixels = self._local_sums(features, pixel_masks, batch_idx, classes)
+        sums, counts, local_pixels = self._local_sums(features, pixel_masks, batch_idx, classes, gts_per_image)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             packed = torch.cat([sums.reshape(-1), counts.reshape(-1)])
             dist.all_reduce(packed, op=dist.ReduceOp.SUM)

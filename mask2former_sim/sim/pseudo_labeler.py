@@ -222,6 +222,7 @@ class SIMPseudoLabeler(nn.Module):
         if prepared.boxes is None:
             raise ValueError("SIM needs the GT boxes (targets[i]['boxes']) to weight the positives by IoU")
         batch_idx, labels, box_masks = prepared.batch_idx, prepared.labels, prepared.box_masks
+        per_image = prepared.counts  # GTs per image (host ints; the GTs are ordered by image)
         grid_hw = tuple(box_masks.shape[-2:])
         feats = normalize_features(teacher_mask_features.float())
         if tuple(feats.shape[-2:]) != grid_hw:  # loss grid finer than the feature grid
@@ -240,7 +241,7 @@ class SIMPseudoLabeler(nn.Module):
             in_box = in_box & prepared.valid_grid[batch_idx]
         semantic = combined = targets = loss_weights = high = None
         if self.active(iteration) or force_targets:
-            semantic = self.memory.semantic_maps(feats, batch_idx, labels, self.proto_temperature)
+            semantic = self.memory.semantic_maps(feats, batch_idx, labels, self.proto_temperature, per_image)
             combined = self_correct(semantic, instance, self.modulation)
             if self.adaptive_high_thresh:
                 high = adaptive_high_thresh(combined, in_box, *self.adaptive_high_range, instance=instance)
@@ -249,7 +250,7 @@ class SIMPseudoLabeler(nn.Module):
             targets, loss_weights = pseudo_targets(combined, in_box, self.low_thresh, high)
         stats: Dict[str, Tensor] = {}
         if update_prototypes:
-            stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels)
+            stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels, per_image)
         return PseudoTargets(
             targets=targets,
             weights=loss_weights,
