@@ -393,6 +393,20 @@ def test_resume_continues_from_last_checkpoint(trained, work):
 
 
 @pytest.mark.slow
+def test_nonfinite_loss_names_the_term_its_output_and_the_iteration(work):
+    out = work["base"] / "nonfinite"
+    # 1e999 reads as inf: every projection term becomes inf at the first step
+    rc, log = run(["train_net.py", "--config-file", SYNTH_CFG]
+                  + tiny(work["data"], out, **{"SOLVER.MAX_ITER": 3, "MODEL.BOXSUP.PROJECTION_WEIGHT": "1e999"}),
+                  work["cache"])
+    assert rc != 0, log[-3000:]
+    assert "non-finite loss at iteration 0: loss_proj = inf at decoder output aux_0" in log, log[-3000:]
+    assert "loss_proj = inf at the final decoder output" in log
+    assert "no checkpoint was written yet" in log
+    assert not (out / "last_checkpoint").exists()
+
+
+@pytest.mark.slow
 def test_eval_only_prints_segm_and_bbox_ap(trained, work):
     weights = str(trained["out"] / "model_final.pth")
     # the README command on the synthetic config (backbone pretraining left on: eval-only never runs it)

@@ -7,13 +7,14 @@ RNG states in the checkpoint, and the optional box-crop pretraining of the backb
 attached after the weights are loaded, updated after every step, saved in checkpoints.
 """
 import logging
+import math
 import os
 import random
+import re
 
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import build_detection_test_loader, get_detection_dataset_dicts
 from detectron2.engine import DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
@@ -23,6 +24,7 @@ from detectron2.utils.env import seed_all_rng
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
 from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone, load_pretrained_backbone
+from .checkpoint import AtomicCheckpointer
 from .optimizer import build_optimizer
 from .sim_hooks import TEACHER_KEY, TeacherEMAHook, attach_teacher, load_teacher_for_evaluation, unwrap
 
@@ -39,6 +41,27 @@ def _numpy_state_from_plain(state):
     return (name, keys.numpy().astype(np.uint32), pos, has_gauss, cached)
 
 
+_OUTPUT_SUFFIX = re.compile(r"^(.*)_(\d+)$")
+
+
+def nonfinite_loss_message(loss_dict, iteration: int, resume_point: str = "") -> str:
+    """Which loss terms are not finite, at which decoder output (``loss_proj_3``: aux output 3; no
+    suffix: the final output) and iteration; and where ``--resume`` would continue from."""
+    bad = []
+    for key, value in loss_dict.items():
+        v = float(value.detach().float().cpu()) if isinstance(value, torch.Tensor) else float(value)
+        if math.isfinite(v):
+            continue
+        m = _OUTPUT_SUFFIX.match(key)
+        where = f"decoder output aux_{m.group(2)}" if m else "the final decoder output"
+        bad.append(f"{m.group(1) if m else key} = {v} at {where}")
+    terms = "; ".join(bad) if bad else "(every term is finite on this process; another rank's is not)"
+    return (
+        f"non-finite loss at iteration {iteration}: {terms}. Nothing of this step was applied; "
+        + (f"--resume continues from {resume_point}" if resume_point else "no checkpoint was written yet")
+    )
+
+
 class Trainer(DefaultTrainer):
     def __init__(self, cfg):
         # SOLVER.REFERENCE_WORLD_SIZE: scaled here (DefaultTrainer's own call then finds nothing to
@@ -49,6 +72,20 @@ class Trainer(DefaultTrainer):
         check_pretrain_config(cfg)
         self._pending_teacher_state = None
         super().__init__(cfg)
+        self._trainer._write_metrics = self._checked_write_metrics(self._trainer._write_metrics)
+
+    def _checked_write_metrics(self, write_metrics):
+        """detectron2 raises "Loss became infinite or NaN" (before the optimizer step) with every
+        term; re-raise naming the non-finite terms, their decoder output and the resume point."""
+
+        def checked(loss_dict, data_time, prefix=""):
+            try:
+                write_metrics(loss_dict, data_time, prefix)
+            except FloatingPointError as e:
+                last = self.checkpointer.get_checkpoint_file() if self.checkpointer.has_checkpoint() else ""
+                raise FloatingPointError(nonfinite_loss_message(loss_dict, self.iter, last)) from e
+
+        return checked
 
     @staticmethod
     def auto_scale_workers(cfg, num_workers: int):
@@ -119,11 +156,17 @@ class Trainer(DefaultTrainer):
     def load_for_evaluation(cls, cfg, model, resume: bool = False) -> None:
         """--eval-only: MODEL.WEIGHTS (or OUTPUT_DIR/last_checkpoint with resume) into ``model``;
         with MODEL.MASK_FORMER.TEST.EVAL_TEACHER also the SIM teacher saved in that checkpoint."""
-        extra = DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
+        extra = AtomicCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(cfg.MODEL.WEIGHTS, resume=resume)
         if cfg.MODEL.MASK_FORMER.TEST.EVAL_TEACHER:
             load_teacher_for_evaluation(model, extra or {}, cfg.MODEL.WEIGHTS or cfg.OUTPUT_DIR)
 
     def build_hooks(self):
+        # DefaultTrainer.__init__ made a DetectionCheckpointer just before calling this; the
+        # PeriodicCheckpointer built below and resume_or_load use the crash-safe one instead
+        if not isinstance(self.checkpointer, AtomicCheckpointer):
+            old = self.checkpointer
+            self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
+                                                   **old.checkpointables)
         hooks = super().build_hooks()
         if self.cfg.MODEL.SIM.ENABLED:
             # before the checkpointer: the checkpoint of iteration i holds the teacher after step i
