@@ -155,6 +155,10 @@ def add_sim_config(cfg):
     sim.PSEUDO_WEIGHT = 1.0  # lambda_1
     sim.PSEUDO_BCE_WEIGHT = 5.0
     sim.PSEUDO_DICE_WEIGHT = 5.0
+    # pseudo-mask quality (mean IoU with the GT masks, evaluation/pseudo_masks.py) on
+    # DATASETS.TEST[0] every TEST.EVAL_PERIOD and after training, into metrics.json; only for a
+    # split registered with masks
+    sim.EVAL_PSEUDO_MASKS = True
     # teacher (EMA of the whole model)
     sim.TEACHER = CN()
     sim.TEACHER.MOMENTUM = 0.9999

@@ -442,15 +442,25 @@ def test_demo_writes_overlays(trained, work):
 
 @pytest.mark.slow
 def test_demo_job_runs_at_tiny_size(work):
-    """``make demo``'s command with KEY VALUE overrides: summary, overlays, AP."""
+    """``make demo``'s command (SIM) with KEY VALUE overrides: summary, overlays, AP, pseudo-mask
+    quality and panels; the pseudo-mask loss is on from the second step."""
     out = work["base"] / "demo_job"
-    rc, log = run(["tools/demo_job.py", "--output-dir", str(out), "--num-overlays", "2"]
-                  + tiny(work["data"], **{"SOLVER.MAX_ITER": 2}), work["cache"])
+    rc, log = run(["tools/demo_job.py", "--output-dir", str(out), "--num-overlays", "2", "--num-panels", "3"]
+                  # tau_l = tau_h = 0.5 on the instance map: an untrained teacher's every in-box cell is a target
+                  + tiny(work["data"], **{"SOLVER.MAX_ITER": 3, "MODEL.SIM.WARMUP_ITERS": 1, "MODEL.SIM.MODULATION": 1.0,
+                                          "MODEL.SIM.LOW_THRESH": 0.5, "MODEL.SIM.HIGH_THRESH": 0.5}), work["cache"])
     assert rc == 0, log[-5000:]
     assert "=== mask2former-sim demo job ===" in log
+    assert "training          SIM, 3 iterations" in log
+    with open(out / "metrics.json") as f:
+        last = [json.loads(line) for line in f if "loss_pseudo_bce" in line][-1]
+    assert last["loss_pseudo_bce"] > 0, last
+    assert 0.0 <= json.load(open(out / "demo_summary.json"))["pseudo_mask_quality"]["pseudo_mask/miou_final"] <= 1.0
+    panels = json.load(open(out / "demo_summary.json"))["pseudo_mask_panels"]
+    assert len(panels) == 3 and all(os.path.getsize(p) > 1000 for p in panels)
     with open(out / "demo_summary.json") as f:
         summary = json.load(f)
-    assert summary["iterations"] == 2 and summary["images_per_batch"] == 2
+    assert summary["iterations"] == 3 and summary["images_per_batch"] == 2
     assert {"segm", "bbox"} <= set(summary["results"])
     assert 0.0 <= summary["results"]["segm"]["AP"] <= 100.0
     assert len(summary["overlays"]) == 2

@@ -1,12 +1,14 @@
 #!/usr/bin/env python
 """The main job on the embedded default: synthetic data, CPU training, evaluation, overlays.
 
-    .venv/bin/python tools/demo_job.py [--config-file configs/synthetic/boxinst_R18_synth.yaml]
+    .venv/bin/python tools/demo_job.py [--config-file configs/synthetic/sim_R18_synth_demo.yaml]
                                        [--output-dir output/demo] [KEY VALUE ...]
 
-Generates the synthetic dataset on first use, trains the box-only baseline from boxes only
-(progress with ETA in the log), evaluates mask and box AP on synth_val (which has masks),
-and writes prediction overlays of a few validation images as PNG.
+Generates the synthetic dataset on first use, trains SIM from boxes only (the demo schedule:
+shorter than the benchmark's; progress with ETA in the log), evaluates mask and box AP on
+synth_val (which has masks), and writes prediction overlays of a few validation images as PNG;
+with SIM also the pseudo-mask quality on synth_val (mean IoU with the GT masks) and the
+pseudo-mask panels of a few validation instances (tools/visualize_pseudo_masks.py's).
 """
 import argparse
 import json
@@ -31,11 +33,12 @@ from mask2former_sim.engine.visualize import write_overlays  # noqa: E402
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", default=os.path.join(ROOT, "configs/synthetic/boxinst_R18_synth.yaml"))
+    p.add_argument("--config-file", default=os.path.join(ROOT, "configs/synthetic/sim_R18_synth_demo.yaml"))
     p.add_argument("--output-dir", default=os.path.join(ROOT, "output/demo"))
     p.add_argument("--num-overlays", type=int, default=6)
     p.add_argument("--overlay-score", type=float, default=0.15,
                    help="score threshold of the drawn detections (at most 5 per image)")
+    p.add_argument("--num-panels", type=int, default=12, help="pseudo-mask panels to write (SIM configs)")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = p.parse_args(argv)
 
@@ -65,6 +68,19 @@ def main(argv=None):
     overlays = write_overlays(trainer.model, cfg, [r["file_name"] for r in val], os.path.join(cfg.OUTPUT_DIR, "overlays"),
                               score_thresh=args.overlay_score, max_per_image=5)
 
+    pseudo, panels = {}, []
+    if cfg.MODEL.SIM.ENABLED:
+        from mask2former_sim.evaluation.pseudo_mask_panels import write_pseudo_mask_panels
+        from mask2former_sim.evaluation.pseudo_masks import PseudoMaskEvalHook, evaluate_pseudo_masks
+
+        it = cfg.SOLVER.MAX_ITER
+        hook = next((h for h in trainer._hooks if isinstance(h, PseudoMaskEvalHook)), None)
+        pseudo = hook.last_figures if hook is not None else evaluate_pseudo_masks(
+            trainer.model, cfg, cfg.DATASETS.TEST[0], per_class=False, iteration=it)
+        panels = write_pseudo_mask_panels(trainer.model, cfg, cfg.DATASETS.TEST[0],
+                                          os.path.join(cfg.OUTPUT_DIR, "pseudo_mask_panels"), args.num_panels,
+                                          iteration=it)
+
     summary = {
         "config": os.path.relpath(args.config_file, ROOT),
         "iterations": cfg.SOLVER.MAX_ITER,
@@ -72,7 +88,9 @@ def main(argv=None):
         "data_seconds": round(t_data, 1),
         "train_and_eval_seconds": round(t_train, 1),
         "results": results,
+        "pseudo_mask_quality": pseudo,
         "overlays": overlays,
+        "pseudo_mask_panels": panels,
         "output_dir": cfg.OUTPUT_DIR,
     }
     with open(os.path.join(cfg.OUTPUT_DIR, "demo_summary.json"), "w") as f:
@@ -81,10 +99,17 @@ def main(argv=None):
     segm, bbox = results.get("segm", {}), results.get("bbox", {})
     print("\n=== mask2former-sim demo job ===")
     print(f"config            {summary['config']}")
-    print(f"training          {cfg.SOLVER.MAX_ITER} iterations x {cfg.SOLVER.IMS_PER_BATCH} images (boxes only)")
+    method = "SIM" if cfg.MODEL.SIM.ENABLED else ("full masks" if cfg.MODEL.BOXSUP.FULL_MASK_SUPERVISION else "box-only")
+    print(f"training          {method}, {cfg.SOLVER.MAX_ITER} iterations x {cfg.SOLVER.IMS_PER_BATCH} images"
+          f"{'' if cfg.MODEL.BOXSUP.FULL_MASK_SUPERVISION else ' (boxes only)'}")
     print(f"train + eval time {t_train:.0f} s (data preparation {t_data:.0f} s)")
     print(f"{ds} mask AP {segm.get('AP', float('nan')):.1f}  AP50 {segm.get('AP50', float('nan')):.1f}  "
           f"AP75 {segm.get('AP75', float('nan')):.1f}  | box AP {bbox.get('AP', float('nan')):.1f}")
+    if pseudo:
+        cols = ("semantic", "instance", "combined", "final", "student")
+        print("pseudo-mask mIoU  " + "  ".join(f"{c} {pseudo.get(f'pseudo_mask/miou_{c}', float('nan')):.3f}" for c in cols)
+              + f"  (in-box, vs GT masks of {ds})")
+        print(f"pseudo panels     {os.path.dirname(panels[0]) if panels else '-'} ({len(panels)} PNG)")
     print(f"overlays          {os.path.dirname(overlays[0]) if overlays else '-'} ({len(overlays)} PNG)")
     print(f"metrics           {os.path.join(cfg.OUTPUT_DIR, 'metrics.json')}, TensorBoard events in {cfg.OUTPUT_DIR}")
 

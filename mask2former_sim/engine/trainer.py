@@ -172,6 +172,10 @@ class Trainer(DefaultTrainer):
             # before the checkpointer: the checkpoint of iteration i holds the teacher after step i
             at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicCheckpointer"), len(hooks))
             hooks.insert(at, TeacherEMAHook())
+            if self.cfg.MODEL.SIM.EVAL_PSEUDO_MASKS:
+                from ..evaluation.pseudo_masks import add_pseudo_mask_eval_hook
+
+                hooks = add_pseudo_mask_eval_hook(hooks, self.cfg)
         return hooks
 
     def resume_or_load(self, resume=True):
