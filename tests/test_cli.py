@@ -22,6 +22,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SYNTH_CFG = "configs/synthetic/boxinst_R18_synth.yaml"
 COCO_CFG = "configs/coco/instance-segmentation/boxinst_R50_bs16_50ep.yaml"
+SIM_CFG = "configs/synthetic/sim_R18_synth.yaml"
 TIMEOUT = 300  # seconds per command: a shared 2-core machine can be slow, a hang must not be endless
 
 # 64 px images, 16 train / 6 val synthetic images, R18, 1 encoder layer, 4 decoder layers, 8 queries
@@ -404,6 +405,32 @@ def test_nonfinite_loss_names_the_term_its_output_and_the_iteration(work):
     assert "loss_proj = inf at the final decoder output" in log
     assert "no checkpoint was written yet" in log
     assert not (out / "last_checkpoint").exists()
+
+
+@pytest.mark.slow
+def test_sim_trains_from_train_net_and_the_pseudo_mask_tools_run_on_it(work):
+    """The README's SIM commands: train_net.py with the SIM config, then eval_pseudo_masks.py,
+    visualize_pseudo_masks.py and diagnose_pseudo_masks.py on its checkpoint (subprocesses)."""
+    out = work["base"] / "sim"
+    # tau_l = tau_h = 0.5 on the instance map: an untrained teacher's every in-box cell is a target
+    sim = {"SOLVER.MAX_ITER": 3, "MODEL.SIM.WARMUP_ITERS": 1, "MODEL.SIM.MODULATION": 1.0,
+           "MODEL.SIM.LOW_THRESH": 0.5, "MODEL.SIM.HIGH_THRESH": 0.5}
+    rc, log = run(["train_net.py", "--config-file", SIM_CFG] + tiny(work["data"], out, **sim), work["cache"])
+    assert rc == 0, log[-5000:]
+    rows = read_metrics(out / "metrics.json")
+    assert any(r.get("loss_pseudo_bce", 0) > 0 for r in rows), rows
+    assert 0.0 <= [r for r in rows if "pseudo_mask/miou_final" in r][-1]["pseudo_mask/miou_final"] <= 1.0
+    weights = str(out / "model_final.pth")
+    common = ["--config-file", SIM_CFG, "--weights", weights]
+    rc, log = run(["tools/eval_pseudo_masks.py", *common, "--out", str(out / "pq.json")]
+                  + tiny(work["data"], train=False), work["cache"])
+    assert rc == 0 and "| semantic |" in log, log[-3000:]
+    assert json.load(open(out / "pq.json"))["teacher"]
+    rc, log = run(["tools/visualize_pseudo_masks.py", *common, "--output", str(out / "panels"), "--images", "2"]
+                  + tiny(work["data"], train=False), work["cache"])
+    assert rc == 0 and glob.glob(str(out / "panels" / "*.png")), log[-3000:]
+    rc, log = run(["tools/diagnose_pseudo_masks.py", *common] + tiny(work["data"], train=False), work["cache"])
+    assert rc == 0 and "| all |" in log and "AUC S" in log, log[-3000:]
 
 
 @pytest.mark.slow
