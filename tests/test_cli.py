@@ -407,16 +407,23 @@ def test_nonfinite_loss_names_the_term_its_output_and_the_iteration(work):
     assert not (out / "last_checkpoint").exists()
 
 
-@pytest.mark.slow
-def test_sim_trains_from_train_net_and_the_pseudo_mask_tools_run_on_it(work):
-    """The README's SIM commands: train_net.py with the SIM config, then eval_pseudo_masks.py,
-    visualize_pseudo_masks.py and diagnose_pseudo_masks.py on its checkpoint (subprocesses)."""
+@pytest.fixture(scope="module")
+def sim_trained(work):
+    """``train_net.py`` with the SIM config for 3 iterations, the pseudo-mask loss on from the 2nd."""
     out = work["base"] / "sim"
     # tau_l = tau_h = 0.5 on the instance map: an untrained teacher's every in-box cell is a target
     sim = {"SOLVER.MAX_ITER": 3, "MODEL.SIM.WARMUP_ITERS": 1, "MODEL.SIM.MODULATION": 1.0,
            "MODEL.SIM.LOW_THRESH": 0.5, "MODEL.SIM.HIGH_THRESH": 0.5}
     rc, log = run(["train_net.py", "--config-file", SIM_CFG] + tiny(work["data"], out, **sim), work["cache"])
     assert rc == 0, log[-5000:]
+    return out
+
+
+@pytest.mark.slow
+def test_sim_trains_from_train_net_and_the_pseudo_mask_tools_run_on_it(sim_trained, work):
+    """The README's SIM commands: train_net.py with the SIM config, then eval_pseudo_masks.py,
+    visualize_pseudo_masks.py and diagnose_pseudo_masks.py on its checkpoint (subprocesses)."""
+    out = sim_trained
     rows = read_metrics(out / "metrics.json")
     assert any(r.get("loss_pseudo_bce", 0) > 0 for r in rows), rows
     assert 0.0 <= [r for r in rows if "pseudo_mask/miou_final" in r][-1]["pseudo_mask/miou_final"] <= 1.0
@@ -431,6 +438,46 @@ def test_sim_trains_from_train_net_and_the_pseudo_mask_tools_run_on_it(work):
     assert rc == 0 and glob.glob(str(out / "panels" / "*.png")), log[-3000:]
     rc, log = run(["tools/diagnose_pseudo_masks.py", *common] + tiny(work["data"], train=False), work["cache"])
     assert rc == 0 and "| all |" in log and "AUC S" in log, log[-3000:]
+
+
+@pytest.mark.slow
+def test_compare_runs_tables_plots_and_missing_files(trained, sim_trained, work, tmp_path):
+    """tools/compare_runs.py on the box-only and the SIM tiny runs: AP read back from their
+    metrics.json, per-class deltas, exactly the differing keys, valid PNGs; a run without
+    metrics.json is named."""
+    box, sim = trained["out"], sim_trained
+    out = tmp_path / "cmp"
+    rc, log = run(["tools/compare_runs.py", str(sim), "--baseline", str(box), "--out", str(out)], work["cache"])
+    assert rc == 0, log[-3000:]
+    text = (out / "comparison.md").read_text()
+    finals = {p: [r for r in read_metrics(p / "metrics.json") if "segm/AP" in r][-1] for p in (box, sim)}
+    for p, name in ((box, "train"), (sim, "sim")):
+        row = next(line for line in text.splitlines() if line.startswith(f"| {name} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[4] == f"{finals[p]['segm/AP']:.1f}" and cells[10] == f"{finals[p]['bbox/AP']:.1f}", row
+        assert cells[11] == f"{finals[p]['segm/AP'] - finals[box]['segm/AP']:+.1f}", row
+        assert cells[14] != "–", row  # peak memory from metrics.json
+    assert "| sim | boxes, SIM |" in text and "| train | boxes (projection + pairwise) |" in text
+    assert "## Per-class mask AP" in text and "circle" in text
+    import yaml
+
+    def flat(d, pre=""):
+        out_ = {}
+        for k, v in d.items():
+            out_.update(flat(v, f"{pre}{k}.") if isinstance(v, dict) else {f"{pre}{k}": v})
+        return out_
+
+    a, b = (flat(yaml.safe_load(open(p / "config.yaml"))) for p in (box, sim))
+    expected = sorted(k for k in set(a) | set(b) if k != "OUTPUT_DIR" and a.get(k, "(unset)") != b.get(k, "(unset)"))
+    listed = re.findall(r"^\| `([^`]+)` \|", text.split("## Config keys that differ")[1], re.M)
+    assert listed == expected and "MODEL.SIM.ENABLED" in listed
+    for png in ("losses.png", "per_class_delta.png"):
+        data = (out / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000, png
+    empty = tmp_path / "no_metrics"
+    empty.mkdir()
+    rc, log = run(["tools/compare_runs.py", str(empty), "--baseline", str(box), "--out", str(out)], work["cache"])
+    assert rc != 0 and "no_metrics" in log and "metrics.json" in log, log[-2000:]
 
 
 @pytest.mark.slow

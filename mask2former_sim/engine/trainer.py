@@ -26,6 +26,7 @@ from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
 from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone, load_pretrained_backbone
 from .checkpoint import AtomicCheckpointer
 from .optimizer import build_optimizer
+from .resource_hooks import PeakMemoryHook
 from .sim_hooks import TEACHER_KEY, TeacherEMAHook, attach_teacher, load_teacher_for_evaluation, unwrap
 
 logger = logging.getLogger(__name__)
@@ -168,6 +169,9 @@ class Trainer(DefaultTrainer):
             self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
                                                    **old.checkpointables)
         hooks = super().build_hooks()
+        # peak memory into metrics.json (tools/compare_runs.py), before the writer
+        at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicWriter"), len(hooks))
+        hooks.insert(at, PeakMemoryHook(self.cfg.MODEL.DEVICE))
         if self.cfg.MODEL.SIM.ENABLED:
             # before the checkpointer: the checkpoint of iteration i holds the teacher after step i
             at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicCheckpointer"), len(hooks))
