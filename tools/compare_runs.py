@@ -171,6 +171,13 @@ def markdown(runs, names, base, base_name) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _save(plt, fig, path: str) -> str:
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def plots(runs, names, base, out_dir) -> list:
     import matplotlib
 
@@ -195,10 +202,7 @@ def plots(runs, names, base, out_dir) -> list:
             ax.set_title(f"{fam} (all outputs)")
             ax.set_xlabel("iteration")
         axes[0][0].legend(fontsize=7)
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "losses.png"))
-        fig.savefig(written[-1], dpi=90)
-        plt.close(fig)
+        written.append(_save(plt, fig, os.path.join(out_dir, "losses.png")))
     if any(len(r["evals"]) > 1 for r in runs):
         fig, ax = plt.subplots(figsize=(5, 3.2))
         for r, n in zip(runs, names):
@@ -206,10 +210,7 @@ def plots(runs, names, base, out_dir) -> list:
         ax.set_xlabel("iteration")
         ax.set_ylabel("mask AP")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "mask_ap.png"))
-        fig.savefig(written[-1], dpi=90)
-        plt.close(fig)
+        written.append(_save(plt, fig, os.path.join(out_dir, "mask_ap.png")))
     classes = class_names(base)
     others = [(r, n) for r, n in zip(runs, names) if r is not base]
     if classes and others:
@@ -224,10 +225,7 @@ def plots(runs, names, base, out_dir) -> list:
         ax.set_xticklabels(classes, rotation=30, fontsize=8)
         ax.set_ylabel("mask AP - baseline")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        written.append(os.path.join(out_dir, "per_class_delta.png"))
-        fig.savefig(written[-1], dpi=90)
-        plt.close(fig)
+        written.append(_save(plt, fig, os.path.join(out_dir, "per_class_delta.png")))
     return written
 
 
