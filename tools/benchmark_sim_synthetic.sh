@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# SIM against the box-only baseline on the synthetic data, per seed, with the ablations.
+#
+#   tools/benchmark_sim_synthetic.sh OUT_DIR [SEED ...]          (default seeds: 0 1)
+#
+# Before MODEL.SIM.WARMUP_ITERS the pseudo-mask loss is 0 and the teacher and prototypes do
+# not touch the student, so SIM and box-only share their first WARMUP_ITERS iterations. Per
+# seed: one SIM run to the warm-up (checkpoint with teacher and prototypes), then every row
+# continues from a copy of it with --resume: box-only (MODEL.SIM.ENABLED False), SIM, and for
+# the first seed the ablations beta 0, beta 1, gamma 0. Runs one at a time (time them on a
+# quiet machine); then tools/compare_runs.py writes OUT_DIR/seed<S>/cmp/comparison.md.
+# Knobs: CONFIG (default configs/synthetic/sim_R18_synth.yaml), PYTHON (default .venv/bin/python).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+case "${1:-}" in
+  ""|-h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 0 || exit 2 ;;
+esac
+OUT="$1"; shift
+SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1)
+PY="${PYTHON:-$ROOT/.venv/bin/python}"
+CONFIG="${CONFIG:-configs/synthetic/sim_R18_synth.yaml}"
+cd "$ROOT"
+WARMUP=$("$PY" -c "import sys; sys.path.insert(0, '.'); import mask2former_sim
+from mask2former_sim.engine.setup import build_cfg; print(build_cfg('$CONFIG', []).MODEL.SIM.WARMUP_ITERS)")
+
+train() {  # dir, then KEY VALUE ...
+  local dir="$1"; shift
+  local start; start=$(date +%s)
+  "$PY" train_net.py --config-file "$CONFIG" MODEL.DEVICE cpu OUTPUT_DIR "$dir" "$@" > "$dir.log" 2>&1 \
+    || { echo "[bench] $dir failed, see $dir.log"; exit 1; }
+  echo "[bench] $dir done in $(( $(date +%s) - start )) s"
+}
+
+continue_from() {  # warm-up dir, row dir, then KEY VALUE ...
+  local src="$1" dir="$2"; shift 2
+  rm -rf "$dir"; mkdir -p "$dir"
+  cp "$src/model_final.pth" "$dir/"; printf model_final.pth > "$dir/last_checkpoint"
+  local start; start=$(date +%s)
+  "$PY" train_net.py --config-file "$CONFIG" --resume MODEL.DEVICE cpu OUTPUT_DIR "$dir" "$@" > "$dir.log" 2>&1 \
+    || { echo "[bench] $dir failed, see $dir.log"; exit 1; }
+  echo "[bench] $dir done in $(( $(date +%s) - start )) s"
+}
+
+first=1
+for s in "${SEEDS[@]}"; do
+  d="$OUT/seed$s"; mkdir -p "$d"
+  train "$d/warmup" SEED "$s" SOLVER.MAX_ITER "$WARMUP" SOLVER.CHECKPOINT_PERIOD "$WARMUP"
+  continue_from "$d/warmup" "$d/boxonly" SEED "$s" MODEL.SIM.ENABLED False
+  continue_from "$d/warmup" "$d/sim" SEED "$s"
+  rows=("$d/sim")
+  if [ $first = 1 ]; then
+    continue_from "$d/warmup" "$d/sim_beta0" SEED "$s" MODEL.SIM.MODULATION 0.0
+    continue_from "$d/warmup" "$d/sim_beta1" SEED "$s" MODEL.SIM.MODULATION 1.0
+    continue_from "$d/warmup" "$d/sim_gamma0" SEED "$s" MODEL.SIM.IOU_GAMMA 0.0
+    rows+=("$d/sim_beta0" "$d/sim_beta1" "$d/sim_gamma0")
+    first=0
+  fi
+  "$PY" tools/compare_runs.py "${rows[@]}" --baseline "$d/boxonly" --out "$d/cmp" > /dev/null
+  echo "[bench] seed $s: $d/cmp/comparison.md"
+done
