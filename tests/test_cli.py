@@ -481,6 +481,22 @@ def test_compare_runs_tables_plots_and_missing_files(trained, sim_trained, work,
 
 
 @pytest.mark.slow
+def test_benchmark_synthetic_seeds_give_mean_and_std(work):
+    out = work["base"] / "bench"
+    rc, log = run(["tools/benchmark_synthetic.py", "--configs", SYNTH_CFG, "--out", str(out), "--seeds", "0", "1",
+                   "--opts"] + tiny(work["data"], **{"SOLVER.MAX_ITER": 2}), work["cache"], timeout=600)
+    assert rc == 0, log[-5000:]
+    aps = []
+    for seed in (0, 1):
+        summary = json.load(open(out / "boxinst_R18_synth" / f"seed{seed}" / "demo_summary.json"))
+        aps.append(summary["results"]["segm"]["AP"])
+    row = next(line for line in (out / "table.md").read_text().splitlines() if line.startswith("| boxinst_R18_synth |"))
+    mean, std = sum(aps) / 2, abs(aps[0] - aps[1]) / 2 ** 0.5
+    assert f"| {mean:.1f} ± {std:.1f} |" in row, row
+    assert f"0: {aps[0]:.1f}, 1: {aps[1]:.1f}" in row, row
+
+
+@pytest.mark.slow
 def test_eval_only_prints_segm_and_bbox_ap(trained, work):
     weights = str(trained["out"] / "model_final.pth")
     # the README command on the synthetic config (backbone pretraining left on: eval-only never runs it)
