@@ -497,6 +497,23 @@ def test_benchmark_synthetic_seeds_give_mean_and_std(work):
 
 
 @pytest.mark.slow
+def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work):
+    out = work["base"] / "simbench"
+    extra = tiny(work["data"], **{"SOLVER.MAX_ITER": 3, "MODEL.SIM.WARMUP_ITERS": 2, "DATALOADER.NUM_WORKERS": 0})
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASK2FORMER_SIM_CACHE=str(work["cache"]), PYTHON=sys.executable,
+               EXTRA_OPTS=" ".join(extra))
+    p = subprocess.run(["bash", "tools/benchmark_sim_synthetic.sh", str(out), "0"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    text = (out / "seed0" / "cmp" / "comparison.md").read_text()
+    for row in ("boxonly", "sim", "sim_beta0", "sim_beta1", "sim_gamma0"):
+        assert f"| {row} |" in text, text
+        log = (out / "seed0" / f"{row}.log").read_text()
+        assert "Starting training from iteration 2" in log, log[-3000:]
+    assert "`MODEL.SIM.MODULATION`" in text and "`MODEL.SIM.IOU_GAMMA`" in text and "`MODEL.SIM.ENABLED`" in text
+
+
+@pytest.mark.slow
 def test_eval_only_prints_segm_and_bbox_ap(trained, work):
     weights = str(trained["out"] / "model_final.pth")
     # the README command on the synthetic config (backbone pretraining left on: eval-only never runs it)

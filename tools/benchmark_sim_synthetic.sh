@@ -9,25 +9,28 @@
 # continues from a copy of it with --resume: box-only (MODEL.SIM.ENABLED False), SIM, and for
 # the first seed the ablations beta 0, beta 1, gamma 0. Runs one at a time (time them on a
 # quiet machine); then tools/compare_runs.py writes OUT_DIR/seed<S>/cmp/comparison.md.
-# Knobs: CONFIG (default configs/synthetic/sim_R18_synth.yaml), PYTHON (default .venv/bin/python).
+# Knobs: CONFIG (default configs/synthetic/sim_R18_synth.yaml), PYTHON (default .venv/bin/python),
+# EXTRA_OPTS (KEY VALUE pairs added to every run, e.g. "SOLVER.MAX_ITER 800 MODEL.SIM.WARMUP_ITERS 400").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 0 || exit 2 ;;
+  ""|-h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 0 || exit 2 ;;
 esac
 OUT="$1"; shift
 SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1)
 PY="${PYTHON:-$ROOT/.venv/bin/python}"
 CONFIG="${CONFIG:-configs/synthetic/sim_R18_synth.yaml}"
+read -r -a EXTRA <<< "${EXTRA_OPTS:-}"
 cd "$ROOT"
 WARMUP=$("$PY" -c "import sys; sys.path.insert(0, '.'); import mask2former_sim
-from mask2former_sim.engine.setup import build_cfg; print(build_cfg('$CONFIG', []).MODEL.SIM.WARMUP_ITERS)")
+from mask2former_sim.engine.setup import build_cfg; print(build_cfg(sys.argv[1], sys.argv[2:]).MODEL.SIM.WARMUP_ITERS)" \
+  "$CONFIG" ${EXTRA[@]+"${EXTRA[@]}"})
 
 train() {  # dir, then KEY VALUE ...
   local dir="$1"; shift
   local start; start=$(date +%s)
-  "$PY" train_net.py --config-file "$CONFIG" MODEL.DEVICE cpu OUTPUT_DIR "$dir" "$@" > "$dir.log" 2>&1 \
+  "$PY" train_net.py --config-file "$CONFIG" MODEL.DEVICE cpu OUTPUT_DIR "$dir" ${EXTRA[@]+"${EXTRA[@]}"} "$@" > "$dir.log" 2>&1 \
     || { echo "[bench] $dir failed, see $dir.log"; exit 1; }
   echo "[bench] $dir done in $(( $(date +%s) - start )) s"
 }
@@ -37,7 +40,8 @@ continue_from() {  # warm-up dir, row dir, then KEY VALUE ...
   rm -rf "$dir"; mkdir -p "$dir"
   cp "$src/model_final.pth" "$dir/"; printf model_final.pth > "$dir/last_checkpoint"
   local start; start=$(date +%s)
-  "$PY" train_net.py --config-file "$CONFIG" --resume MODEL.DEVICE cpu OUTPUT_DIR "$dir" "$@" > "$dir.log" 2>&1 \
+  "$PY" train_net.py --config-file "$CONFIG" --resume MODEL.DEVICE cpu OUTPUT_DIR "$dir" ${EXTRA[@]+"${EXTRA[@]}"} "$@" \
+    > "$dir.log" 2>&1 \
     || { echo "[bench] $dir failed, see $dir.log"; exit 1; }
   echo "[bench] $dir done in $(( $(date +%s) - start )) s"
 }
