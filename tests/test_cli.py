@@ -427,6 +427,10 @@ def test_sim_trains_from_train_net_and_the_pseudo_mask_tools_run_on_it(sim_train
     rows = read_metrics(out / "metrics.json")
     assert any(r.get("loss_pseudo_bce", 0) > 0 for r in rows), rows
     assert 0.0 <= [r for r in rows if "pseudo_mask/miou_final" in r][-1]["pseudo_mask/miou_final"] <= 1.0
+    # tau_l = tau_h: every in-box cell is a positive or a negative of the pseudo loss (logged shares)
+    last = [r for r in rows if "sim/pseudo_neg_fraction" in r][-1]
+    assert last["sim/pseudo_pos_fraction"] + last["sim/pseudo_neg_fraction"] == pytest.approx(1.0, abs=1e-3), last
+    assert last["sim/proto_pixels"] >= 0
     weights = str(out / "model_final.pth")
     common = ["--config-file", SIM_CFG, "--weights", weights]
     rc, log = run(["tools/eval_pseudo_masks.py", *common, "--out", str(out / "pq.json")]

@@ -23,10 +23,26 @@ def unwrap(model):
 
 
 class TeacherEMAHook(HookBase):
-    """teacher <- m * teacher + (1 - m) * student after every optimizer step (METHOD.md §2)."""
+    """teacher <- m * teacher + (1 - m) * student after every optimizer step (METHOD.md §2); every
+    ``period`` steps (the writer's) also the pseudo labeler's statistics of the step into the
+    EventStorage: ``sim/pseudo_pos_fraction``, ``sim/pseudo_neg_fraction`` (in-box cells pushed up /
+    down) and ``sim/proto_pixels`` (pixels of the prototype update, all processes)."""
+
+    def __init__(self, period: int = 20):
+        self._period = int(period)
 
     def after_step(self):
-        unwrap(self.trainer.model).update_teacher()
+        model = unwrap(self.trainer.model)
+        model.update_teacher()
+        it = self.trainer.iter + 1
+        if self._period > 0 and (it % self._period == 0 or it == self.trainer.max_iter):
+            pseudo = getattr(model.criterion, "last_pseudo", None)
+            stats = getattr(pseudo, "stats", None) or {}
+            names = {"pseudo_pos_fraction": "sim/pseudo_pos_fraction", "pseudo_neg_fraction": "sim/pseudo_neg_fraction",
+                     "num_pixels": "sim/proto_pixels"}
+            values = {names[k]: float(v) for k, v in stats.items() if k in names}
+            if values:
+                self.trainer.storage.put_scalars(**values, smoothing_hint=False)
 
 
 def attach_teacher(model, state: Optional[Mapping] = None):

@@ -251,6 +251,12 @@ class SIMPseudoLabeler(nn.Module):
         stats: Dict[str, Tensor] = {}
         if update_prototypes:
             stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels, per_image)
+        if targets is not None:
+            # the share of in-box cells the pseudo loss pushes up / down (the rest is ignored): a
+            # positive-only loss (negatives ~0) inflates masks, docs/BENCHMARKS.md
+            cells = in_box.sum().clamp_min(1).float()
+            stats["pseudo_pos_fraction"] = targets.sum() / cells
+            stats["pseudo_neg_fraction"] = ((loss_weights > 0) & (targets <= 0)).sum() / cells
         return PseudoTargets(
             targets=targets,
             weights=loss_weights,
