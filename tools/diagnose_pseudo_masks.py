@@ -20,7 +20,6 @@ pipeline as tools/eval_pseudo_masks.py), per GT and inside its box on the loss g
 
 Means over GTs, per class and overall, as a markdown table.
 """
-import argparse
 import os
 import sys
 
@@ -33,12 +32,11 @@ MAPS = ("S", "T", "R", "student")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the training config of the checkpoint (SIM)")
-    p.add_argument("--weights", required=True, help="checkpoint (.pth) of a SIM training")
-    p.add_argument("--dataset", default="", help="split with GT masks (default: DATASETS.TEST[0])")
+    from mask2former_sim.evaluation.pseudo_masks import add_opts_argument, checkpoint_tool_parser
+
+    p = checkpoint_tool_parser(__doc__, what="checkpoint (.pth) of a SIM training")
     p.add_argument("--max-images", type=int, default=None, help="first N images of the split (default: all)")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_opts_argument(p)
     args = p.parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         p.error(f"--max-images must be >= 1, got {args.max_images}")
@@ -114,23 +112,17 @@ def main(argv=None):
     args = parse_args(argv)
     from detectron2.data import MetadataCatalog
 
-    from mask2former_sim.data.registry import register_datasets_for
     from mask2former_sim.engine.setup import build_cfg
     from mask2former_sim.evaluation.pseudo_masks import (
         PseudoMaskEvalMapper,
         dataset_records,
-        load_model_for_pseudo_masks,
+        load_for_tool,
         pseudo_mask_outputs,
     )
 
-    cfg = build_cfg(args.config_file, args.opts)
-    if not cfg.MODEL.SIM.ENABLED:
+    if not build_cfg(args.config_file, args.opts).MODEL.SIM.ENABLED:
         sys.exit(f"{args.config_file}: MODEL.SIM.ENABLED is False; this tool reads SIM's teacher and prototypes")
-    register_datasets_for(cfg)
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
-    if not dataset:
-        sys.exit("no --dataset given and the config names no DATASETS.TEST split")
-    model, iteration = load_model_for_pseudo_masks(cfg, args.weights)
+    cfg, dataset, model, iteration = load_for_tool(args)
     mapper = PseudoMaskEvalMapper(cfg, dataset)
     rows = []
     for record in dataset_records(dataset, args.max_images):

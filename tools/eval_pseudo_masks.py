@@ -14,7 +14,6 @@ checkpoint["trainer"]["sim_teacher"]; a box-only or fully supervised model (or
 --student-only) gets the student columns only. Prints a markdown table; --out writes
 {"figures": {...}, "counts": {...}, ...} as json.
 """
-import argparse
 import json
 import os
 import sys
@@ -26,15 +25,14 @@ import mask2former_sim  # noqa: E402,F401  (Pillow shim before detectron2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the training config of the checkpoint")
-    p.add_argument("--weights", required=True, help="checkpoint (.pth) written by train_net.py")
-    p.add_argument("--dataset", default="", help="split with GT masks (default: DATASETS.TEST[0])")
+    from mask2former_sim.evaluation.pseudo_masks import add_opts_argument, checkpoint_tool_parser
+
+    p = checkpoint_tool_parser(__doc__)
     p.add_argument("--max-images", type=int, default=None, help="first N images of the split (default: all)")
     p.add_argument("--out", default="", help="write the figures and counts to this json file")
     p.add_argument("--student-only", action="store_true", help="ignore the teacher: student columns only")
     p.add_argument("--no-per-class", action="store_true", help="the overall row only")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_opts_argument(p)
     args = p.parse_args(argv)
     if args.max_images is not None and args.max_images < 1:
         p.error(f"--max-images must be >= 1, got {args.max_images}")
@@ -45,20 +43,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     from detectron2.data import MetadataCatalog
 
-    from mask2former_sim.data.registry import register_datasets_for
-    from mask2former_sim.engine.setup import build_cfg
-    from mask2former_sim.evaluation.pseudo_masks import (
-        collect_pseudo_mask_ious,
-        load_model_for_pseudo_masks,
-        markdown_table,
-    )
+    from mask2former_sim.evaluation.pseudo_masks import collect_pseudo_mask_ious, load_for_tool, markdown_table
 
-    cfg = build_cfg(args.config_file, args.opts)
-    register_datasets_for(cfg)
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
-    if not dataset:
-        sys.exit("no --dataset given and the config names no DATASETS.TEST split")
-    model, iteration = load_model_for_pseudo_masks(cfg, args.weights, use_teacher=not args.student_only)
+    cfg, dataset, model, iteration = load_for_tool(args, use_teacher=not args.student_only)
     acc = collect_pseudo_mask_ious(model, cfg, dataset, args.max_images, iteration, use_teacher=not args.student_only)
     class_names = MetadataCatalog.get(dataset).get("thing_classes")
     per_class = not args.no_per_class

@@ -10,7 +10,6 @@ the student's mask and the GT mask when the split has one.
 Files are <output>/<image id>_gt<k>_<class>.png; the drawing code is
 mask2former_sim/evaluation/pseudo_mask_panels.py (write_pseudo_mask_panels).
 """
-import argparse
 import os
 import sys
 
@@ -21,18 +20,17 @@ import mask2former_sim  # noqa: E402,F401  (Pillow shim before detectron2)
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config-file", required=True, help="the training config of the checkpoint")
-    p.add_argument("--weights", required=True, help="checkpoint (.pth) written by train_net.py")
+    from mask2former_sim.evaluation.pseudo_masks import add_opts_argument, checkpoint_tool_parser
+
+    p = checkpoint_tool_parser(__doc__)
     p.add_argument("--output", required=True, help="directory for the PNGs")
-    p.add_argument("--dataset", default="", help="split to draw (default: DATASETS.TEST[0])")
     chosen = p.add_mutually_exclusive_group()
     chosen.add_argument("--images", type=int, default=8, help="the first N images of the split (default 8)")
     chosen.add_argument("--image-ids", default="", help="comma-separated image_id values instead, e.g. 3,17")
     p.add_argument("--max-instances", type=int, default=32, help="stop after this many panels (default 32)")
     p.add_argument("--tile", type=int, default=96, help="tile size in pixels (default 96)")
     p.add_argument("--student-only", action="store_true", help="ignore the teacher: image, student and GT tiles")
-    p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    add_opts_argument(p)
     args = p.parse_args(argv)
     for name in ("images", "max_instances", "tile"):
         if getattr(args, name) < 1:
@@ -42,18 +40,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    from mask2former_sim.data.registry import register_datasets_for
-    from mask2former_sim.engine.setup import build_cfg
     from mask2former_sim.evaluation.pseudo_mask_panels import write_pseudo_mask_panels
-    from mask2former_sim.evaluation.pseudo_masks import load_model_for_pseudo_masks
+    from mask2former_sim.evaluation.pseudo_masks import load_for_tool
 
-    cfg = build_cfg(args.config_file, args.opts)
-    register_datasets_for(cfg)
-    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
-    if not dataset:
-        sys.exit("no --dataset given and the config names no DATASETS.TEST split")
     image_ids = [i.strip() for i in args.image_ids.split(",") if i.strip()] or None
-    model, iteration = load_model_for_pseudo_masks(cfg, args.weights, use_teacher=not args.student_only)
+    cfg, dataset, model, iteration = load_for_tool(args, use_teacher=not args.student_only)
     paths = write_pseudo_mask_panels(
         model, cfg, dataset, args.output, args.max_instances,
         image_ids=image_ids, max_images=None if image_ids else args.images,

@@ -587,3 +587,39 @@ def add_pseudo_mask_eval_hook(hooks: List, cfg, dataset_name: Optional[str] = No
     at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicWriter"), len(hooks))
     hooks.insert(at, hook)
     return hooks
+
+
+# ---------------------------------------------------------------------- command-line tools
+def checkpoint_tool_parser(description: str, what: str = "checkpoint (.pth) written by train_net.py"):
+    """The arguments every pseudo-mask tool shares: --config-file, --weights, --dataset (the tool
+    adds its own, then ``add_opts_argument``)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", required=True, help="the training config of the checkpoint")
+    p.add_argument("--weights", required=True, help=what)
+    p.add_argument("--dataset", default="", help="split to use (default: DATASETS.TEST[0])")
+    return p
+
+
+def add_opts_argument(parser) -> None:
+    import argparse
+
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+
+
+def load_for_tool(args, use_teacher: bool = True):
+    """(cfg, dataset name, model in eval mode, checkpoint iteration) of a tool's arguments; exits with
+    a message when no split is named."""
+    import sys
+
+    from ..data.registry import register_datasets_for
+    from ..engine.setup import build_cfg
+
+    cfg = build_cfg(args.config_file, args.opts)
+    register_datasets_for(cfg)
+    dataset = args.dataset or (cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "")
+    if not dataset:
+        sys.exit("no --dataset given and the config names no DATASETS.TEST split")
+    model, iteration = load_model_for_pseudo_masks(cfg, args.weights, use_teacher=use_teacher)
+    return cfg, dataset, model, iteration
