@@ -42,7 +42,7 @@ from ..utils.distributed import flagged_ranks, other_rank_error
 from .losses.box_targets import boxes_to_grid_masks, downsample_valid
 from .losses.pairwise import images_to_color_similarity, pairwise_edge_weights, pairwise_loss_weighted
 from .losses.point_mask import point_mask_losses
-from .losses.projection import projection_loss
+from .losses.projection import projection_loss_from_logits
 from .matcher import HungarianMatcher
 
 __all__ = ["BoxSupSetCriterion", "PreparedTargets", "MatchResult"]
@@ -74,6 +74,7 @@ class PreparedTargets:
     edge_weights: Optional[torch.Tensor]  # (G, K*K-1, H, W) bool, pairwise loss only
     valid_grid: Optional[torch.Tensor]  # (B, H, W) bool on the loss grid
     ramp: float  # pairwise warm-up ramp
+    edge_counts: Optional[torch.Tensor] = None  # (G,) edges per GT (the pairwise loss's normaliser)
 
 
 @dataclass
@@ -408,7 +409,7 @@ class BoxSupSetCriterion(nn.Module):
             boxes = torch.cat([t["boxes"].reshape(-1, 4).to(torch.float32) for t in per_image])
         gt_masks = torch.cat([t["masks"] for t in per_image]) if self.uses_masks else None
 
-        edge_weights = valid_grid = None
+        edge_weights = valid_grid = edge_counts = None
         ramp = 1.0
         if "pairwise" in self.losses:
             similarity, valid_grid = self._pairwise_context(image_info, logits.shape[0], grid_hw, device)
@@ -421,6 +422,7 @@ class BoxSupSetCriterion(nn.Module):
                     self.pairwise_size,
                     self.pairwise_dilation,
                 )
+                edge_counts = edge_weights.flatten(1).sum(1)
             ramp = self.pairwise_ramp(iteration)
         elif image_info is not None and "valid" in image_info:
             valid_grid = downsample_valid(image_info["valid"].to(device), self.loss_stride)
@@ -437,20 +439,17 @@ class BoxSupSetCriterion(nn.Module):
             edge_weights=edge_weights,
             valid_grid=valid_grid,
             ramp=ramp,
+            edge_counts=edge_counts,
         )
 
     # ------------------------------------------------------------------ step 2: match
-    def _match_one(self, out: Mapping, targets) -> Indices:
-        """Hungarian matching of one decoder output on the loss grid (no gradient needed)."""
-        if self.loss_grid_factor == 1:
-            return self.matcher(out, targets)
-        with torch.no_grad():  # the matcher is no_grad itself; so is the upsampling for it
-            fine = {"pred_logits": out["pred_logits"], "pred_masks": self._to_loss_grid(out["pred_masks"])}
-        return self.matcher(fine, targets)
-
     def match(self, decoder_outputs: Sequence[Mapping], prepared: PreparedTargets) -> MatchResult:
-        """Match every decoder output; one host-to-device transfer for all index tensors."""
-        indices = [self._match_one(out, prepared.per_image) for out in decoder_outputs]
+        """Match every decoder output: the costs of all outputs go to the host in one transfer
+        (labels were checked in forward), the indices come back in one (non-blocking on CUDA)."""
+        indices = self.matcher.match_outputs(
+            decoder_outputs, prepared.per_image, labels_checked=True,
+            mask_transform=self._to_loss_grid if self.loss_grid_factor > 1 else None,
+        )
         offsets = [0]
         for n in prepared.counts:
             offsets.append(offsets[-1] + n)
@@ -489,12 +488,13 @@ class BoxSupSetCriterion(nn.Module):
         return self._to_loss_grid(masks[match.batch_idx[level], match.query_idx[level]].to(torch.float32))
 
     def loss_projection(self, src, prepared: PreparedTargets, gt_idx) -> Dict[str, torch.Tensor]:
-        loss = projection_loss(src.sigmoid(), prepared.box_masks[gt_idx], self.dice_eps).sum() / prepared.num_masks
+        loss = projection_loss_from_logits(src, prepared.box_masks[gt_idx], self.dice_eps).sum() / prepared.num_masks
         return {"loss_proj": loss}
 
     def loss_pairwise(self, src, prepared: PreparedTargets, gt_idx) -> Dict[str, torch.Tensor]:
         loss = pairwise_loss_weighted(
-            src, prepared.edge_weights[gt_idx], self.pairwise_size, self.pairwise_dilation
+            src, prepared.edge_weights, self.pairwise_size, self.pairwise_dilation,
+            rows=gt_idx, edge_counts=prepared.edge_counts,
         )
         return {"loss_pairwise": loss}
 

@@ -1,4 +1,4 @@
-"""Hungarian matching of queries to GT instances, one decoder output at a time.
+"""Hungarian matching of queries to GT instances, per image, for one or all decoder outputs.
 
 mode "box" (box supervision, METHOD.md §1):
     C(q, g) = cost_class * (-p_q(c_g)) + cost_proj * projection_cost(sigmoid(z_q), B_g)
@@ -6,11 +6,13 @@ mode "mask" (fully supervised upper bound, Mask2Former style):
     C(q, g) = cost_class * (-p_q(c_g)) + cost_mask * CE + cost_dice * Dice,
     CE / Dice on the same uniformly drawn points for all predictions and GT masks.
 Costs are computed densely in fp32 with autocast off, under no_grad; the assignment is
-scipy's ``linear_sum_assignment`` on the CPU, one call per image.
+scipy's ``linear_sum_assignment`` on the CPU, one call per image and output; the costs of all
+outputs reach the host in one transfer (``match_outputs``). sigmoid is taken after the
+max-projection (the same values, sigmoid being increasing).
 """
 from __future__ import annotations
 
-from typing import List, Mapping, Sequence, Tuple
+from typing import Callable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from scipy.optimize import linear_sum_assignment
@@ -18,7 +20,7 @@ from torch import nn
 
 from .losses.box_targets import boxes_to_grid_masks
 from .losses.point_mask import batch_dice_cost, batch_sigmoid_ce_cost, point_sample, uniform_points
-from .losses.projection import projection_cost
+from .losses.projection import projection_cost_from_logits
 from ..utils.distributed import flagged_ranks, other_rank_error
 
 __all__ = ["HungarianMatcher"]
@@ -106,14 +108,18 @@ class HungarianMatcher(nn.Module):
                 f"targets[{index}]['labels'] has class ids outside [0, {num_classes}): "
                 f"min {int(labels.min())}, max {int(labels.max())}"
             )
-        labels = labels.to(device=pred_logits.device, dtype=torch.long)
+        return self._cost(pred_logits, pred_masks, target, index)
+
+    def _cost(self, pred_logits: torch.Tensor, pred_masks: torch.Tensor, target: Mapping, index: int):
+        """cost_matrix without the label check (done once per batch by the caller): no host sync."""
+        labels = target["labels"].to(device=pred_logits.device, dtype=torch.long)
         with torch.autocast(device_type=pred_logits.device.type, enabled=False):
             prob = pred_logits.to(torch.float32).softmax(dim=-1)
             cost = -self.cost_class * prob[:, labels]
             masks = pred_masks.to(torch.float32)
             if self.mode == "box":
                 bm = self._box_masks(target, index, tuple(masks.shape[-2:]), masks.device)
-                cost = cost + self.cost_proj * projection_cost(masks.sigmoid(), bm, self.dice_eps)
+                cost = cost + self.cost_proj * projection_cost_from_logits(masks, bm, self.dice_eps)
             else:
                 cost = cost + self._mask_cost(masks, target, index)
         return cost
@@ -147,55 +153,79 @@ class HungarianMatcher(nn.Module):
         """Match one decoder output {"pred_logits": (B,Q,K+1), "pred_masks": (B,Q,Hm,Wm)}.
 
         Under torch.distributed this is a collective (one all-reduced error flag): every rank
-        must call it the same number of times, as the criterion does (once per decoder output).
+        must call it the same number of times.
         """
-        for key in ("pred_logits", "pred_masks"):
-            if key not in outputs:
-                raise KeyError(f"HungarianMatcher: outputs lack {key!r}")
-        logits, masks = outputs["pred_logits"], outputs["pred_masks"]
-        if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:
-            raise ValueError(
-                f"HungarianMatcher: pred_logits must be (B, Q, K+1) and pred_masks (B, Q, Hm, Wm) "
-                f"with equal B, Q; got {tuple(logits.shape)} and {tuple(masks.shape)}"
-            )
-        if len(targets) != logits.shape[0]:
-            raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]}")
+        return self.match_outputs([outputs], targets)[0]
+
+    @torch.no_grad()
+    def match_outputs(
+        self,
+        outputs: Sequence[Mapping[str, torch.Tensor]],
+        targets: Sequence[Mapping],
+        labels_checked: bool = False,
+        mask_transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+    ) -> List[List[Tuple[torch.Tensor, torch.Tensor]]]:
+        """Match several decoder outputs of one batch: per output, per image (queries, GTs).
+
+        The cost matrices of every output and image reach the host in ONE transfer (scipy
+        needs them there); the labels are checked once (one host sync), or not at all with
+        ``labels_checked=True`` when the caller has done it. ``mask_transform`` maps one image's
+        (Q, Hm, Wm) mask logits to the grid of the targets (the criterion's upsampling to its
+        loss grid), one image at a time. Under torch.distributed this is
+        a collective (one all-reduced error flag): every rank must call it the same number of
+        times, as the criterion does (once per step).
+        """
+        for i, out in enumerate(outputs):
+            for key in ("pred_logits", "pred_masks"):
+                if key not in out:
+                    raise KeyError(f"HungarianMatcher: outputs[{i}] lack {key!r}")
+            logits, masks = out["pred_logits"], out["pred_masks"]
+            if logits.ndim != 3 or masks.ndim != 4 or logits.shape[:2] != masks.shape[:2]:
+                raise ValueError(
+                    f"HungarianMatcher: pred_logits must be (B, Q, K+1) and pred_masks (B, Q, Hm, Wm) "
+                    f"with equal B, Q; got {tuple(logits.shape)} and {tuple(masks.shape)}"
+                )
+            if len(targets) != logits.shape[0]:
+                raise ValueError(f"HungarianMatcher: {len(targets)} targets for a batch of {logits.shape[0]}")
         # Checks on the data (labels, finite costs) decide on every rank together (an
         # all-reduced flag): one rank raising alone would leave the others in the next
         # all-reduce (DDP's gradients) until the NCCL timeout.
-        error = self._label_error(targets, logits.shape[-1] - 1)
-        costs = []
+        error = None
+        if not labels_checked and outputs:
+            error = self._label_error(targets, outputs[0]["pred_logits"].shape[-1] - 1)
+        costs = []  # (output, image, cost or None), output-major (the order of the mask mode's point draws)
         if error is None:
-            # cost matrices of all images go to the host in one transfer (scipy needs them there)
-            costs = [
-                self.cost_matrix(logits[b], masks[b], target, b) if len(target["labels"]) else None
-                for b, target in enumerate(targets)
-            ]
-        present = [c for c in costs if c is not None]
+            for level, out in enumerate(outputs):
+                for b, target in enumerate(targets):
+                    cost = None
+                    if len(target["labels"]):
+                        masks = out["pred_masks"][b]
+                        cost = self._cost(out["pred_logits"][b], masks if mask_transform is None else mask_transform(masks), target, b)
+                    costs.append((level, b, cost))
+        present = [c for _, _, c in costs if c is not None]
         host_costs: List[torch.Tensor] = []
         if present:
             flat = torch.cat([c.flatten() for c in present]).cpu()
             host_costs = list(flat.split([c.numel() for c in present]))
             if not torch.isfinite(flat).all():
-                b = [b for b, c in enumerate(costs) if c is not None][
-                    next(i for i, c in enumerate(host_costs) if not torch.isfinite(c).all())
-                ]
-                error = (FloatingPointError, f"HungarianMatcher: non-finite matching cost for image {b}")
+                bad = next(i for i, c in enumerate(host_costs) if not torch.isfinite(c).all())
+                level, b, _ = [entry for entry in costs if entry[2] is not None][bad]
+                where = f"image {b}" + (f" of decoder output {level}" if len(outputs) > 1 else "")
+                error = (FloatingPointError, f"HungarianMatcher: non-finite matching cost for {where}")
         bad_ranks = flagged_ranks(error is not None)
         if error is not None:
             raise error[0](error[1])
         if bad_ranks:
             raise RuntimeError(other_rank_error(bad_ranks, "bad targets or non-finite matching costs"))
         host = iter(host_costs)
-        indices: List[Tuple[torch.Tensor, torch.Tensor]] = []
-        for b, cost in enumerate(costs):
+        indices: List[List[Tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in outputs]
+        for level, b, cost in costs:
             if cost is None:
                 empty = torch.empty(0, dtype=torch.int64)
-                indices.append((empty, empty.clone()))
+                indices[level].append((empty, empty.clone()))
                 continue
-            cost = next(host).view(cost.shape)
-            rows, cols = linear_sum_assignment(cost.numpy())
-            indices.append(
+            rows, cols = linear_sum_assignment(next(host).view(cost.shape).numpy())
+            indices[level].append(
                 (torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64))
             )
         return indices

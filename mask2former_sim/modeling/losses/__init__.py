@@ -20,7 +20,13 @@ from .point_mask import (
     sigmoid_ce_loss,
     uniform_points,
 )
-from .projection import dice_coefficient_loss, projection_cost, projection_loss
+from .projection import (
+    dice_coefficient_loss,
+    projection_cost,
+    projection_cost_from_logits,
+    projection_loss,
+    projection_loss_from_logits,
+)
 
 __all__ = [
     "boxes_to_grid_masks",
@@ -44,5 +50,7 @@ __all__ = [
     "uniform_points",
     "dice_coefficient_loss",
     "projection_cost",
+    "projection_cost_from_logits",
     "projection_loss",
+    "projection_loss_from_logits",
 ]

@@ -164,31 +164,93 @@ def pairwise_edge_weights(
     return (similarity >= color_thresh) & valid[:, None] & valid_nb & (box_masks > 0)[:, None]
 
 
+def _overlap(size: int, d: int) -> tuple[slice, slice]:
+    """Cells u with u and u + d both inside [0, size): (slice of u, slice of u + d)."""
+    lo, hi = max(0, -d), min(size, size - d)
+    return slice(lo, hi), slice(lo + d, hi + d)
+
+
+class _PairwiseLoss(torch.autograd.Function):
+    """sum_k sum_u w_k(u) l(z_u, z_{u+o_k}) / denom, one neighbour offset o_k at a time.
+
+    Neither pass materialises a (N, K*K-1, H, W) tensor: each offset works on the
+    overlapping (N, H', W') slices of the logits (an edge that leaves the map has weight 0,
+    so the slices are exact), and backward keeps only the logits and recomputes
+    d l / d z_u = sigmoid(z_u) - sigmoid(z_u + z_v) (and the same for v) from them.
+    The edge weights of the N masks are rows ``rows`` of ``edge_weights`` (indexed one
+    offset at a time, never copied whole).
+    """
+
+    @staticmethod
+    def forward(ctx, z, edge_weights, rows, offsets, denom):
+        h, w = z.shape[-2:]
+        total = z.new_zeros(())
+        for k, (dy, dx) in enumerate(offsets):
+            (ys, yn), (xs, xn) = _overlap(h, dy), _overlap(w, dx)
+            zu, zv = z[:, ys, xs], z[:, yn, xn]
+            weight = edge_weights[rows, k][:, ys, xs]
+            edge = F.softplus(zu) + F.softplus(zv) - F.softplus(zu + zv)
+            total = total + edge.masked_fill(~weight, 0.0).sum()
+        ctx.save_for_backward(z, edge_weights, rows, denom)
+        ctx.offsets = offsets
+        return total / denom
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        z, edge_weights, rows, denom = ctx.saved_tensors
+        h, w = z.shape[-2:]
+        scale = grad_out / denom
+        grad = torch.zeros_like(z)
+        sig = torch.sigmoid(z)
+        for k, (dy, dx) in enumerate(ctx.offsets):
+            (ys, yn), (xs, xn) = _overlap(h, dy), _overlap(w, dx)
+            weight = edge_weights[rows, k][:, ys, xs]
+            both = torch.sigmoid(z[:, ys, xs] + z[:, yn, xn])
+            grad[:, ys, xs] += (sig[:, ys, xs] - both).masked_fill_(~weight, 0.0)
+            grad[:, yn, xn] += (sig[:, yn, xn] - both).masked_fill_(~weight, 0.0)
+        return grad * scale, None, None, None, None
+
+
 def pairwise_loss_weighted(
-    mask_logits: torch.Tensor, edge_weights: torch.Tensor, kernel_size: int = 3, dilation: int = 2
+    mask_logits: torch.Tensor,
+    edge_weights: torch.Tensor,
+    kernel_size: int = 3,
+    dilation: int = 2,
+    rows: torch.Tensor | None = None,
+    edge_counts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """sum(w * l) / max(sum(w), 1) over N masks with precomputed (bool) edge weights w.
 
     l_uv = -log(m(u) m(v) + (1 - m(u))(1 - m(v))) with m = sigmoid(z), evaluated as
     softplus(z_u) + softplus(z_v) - softplus(z_u + z_v) (the same quantity as
     -logsumexp(logsig(z_u) + logsig(z_v), logsig(-z_u) + logsig(-z_v)), stable for any z).
+    Memory: backward keeps the (N, H, W) logits only (``_PairwiseLoss``).
 
-    Args: mask_logits (N, H, W); edge_weights (N, K*K-1, H, W) from pairwise_edge_weights.
+    Args: mask_logits (N, H, W); edge_weights (N, K*K-1, H, W) from pairwise_edge_weights,
+    or (G, K*K-1, H, W) with ``rows`` (N,) saying which row belongs to each mask (the
+    criterion passes all GTs of the batch once and the matched GT of each mask);
+    ``edge_counts`` (G,): optional precomputed ``edge_weights.flatten(1).sum(1)``.
     """
     if mask_logits.ndim != 3:
         raise ValueError(f"mask_logits must be (N, H, W), got {tuple(mask_logits.shape)}")
     n, h, w = mask_logits.shape
     num_nb = kernel_size * kernel_size - 1
-    if tuple(edge_weights.shape) != (n, num_nb, h, w):
-        raise ValueError(f"edge_weights must be {(n, num_nb, h, w)}, got {tuple(edge_weights.shape)}")
+    if rows is None:
+        if tuple(edge_weights.shape) != (n, num_nb, h, w):
+            raise ValueError(f"edge_weights must be {(n, num_nb, h, w)}, got {tuple(edge_weights.shape)}")
+        rows = torch.arange(n, device=mask_logits.device)
+    elif edge_weights.ndim != 4 or tuple(edge_weights.shape[1:]) != (num_nb, h, w) or tuple(rows.shape) != (n,):
+        raise ValueError(
+            f"edge_weights must be (G, {num_nb}, {h}, {w}) and rows ({n},), "
+            f"got {tuple(edge_weights.shape)} and {tuple(rows.shape)}"
+        )
+    if edge_counts is None:
+        edge_counts = edge_weights.flatten(1).sum(1)
     with _no_autocast(mask_logits):
-        z = mask_logits.to(torch.float32)[:, None]  # (N, 1, H, W)
-        z_nb = gather_neighbours(z, kernel_size, dilation, fill=0.0)[:, 0]  # (N, n, H, W)
-        sp = F.softplus(z)
-        sp_nb = gather_neighbours(sp, kernel_size, dilation, fill=0.0)[:, 0]
-        edge_loss = sp + sp_nb - F.softplus(z + z_nb)
-        weight = edge_weights.to(torch.float32)
-        return (edge_loss * weight).sum() / weight.sum().clamp(min=1.0)
+        z = mask_logits if mask_logits.dtype == torch.float64 else mask_logits.to(torch.float32)
+        denom = edge_counts[rows].sum().to(z.dtype).clamp(min=1.0)
+        offsets = tuple(neighbour_offsets(kernel_size, dilation))
+        return _PairwiseLoss.apply(z, edge_weights.to(torch.bool), rows, offsets, denom)
 
 
 def pairwise_loss(

@@ -251,6 +251,9 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
             srcs.append(src + self.level_embed.weight[i].to(src.dtype))
 
         bs = mask_features.shape[0]
+        # A C-term dot product can leave fp16's range (65504): mask logits are taken in fp32.
+        # One cast here, shared by every prediction (and kept once for backward), not one each.
+        mask_features = mask_features.float()
         query_pos = self.query_embed.weight.unsqueeze(0).expand(bs, -1, -1)
         output = self.query_feat.weight.unsqueeze(0).expand(bs, -1, -1)
 
@@ -283,8 +286,8 @@ class MultiScaleMaskedTransformerDecoder(nn.Module):
         decoded = self.decoder_norm(output)
         logits = self.class_embed(decoded)
         embed = self.mask_embed(decoded)
-        # A C-term dot product can leave fp16's range (65504): take mask logits in fp32.
+        # mask_features is fp32 (cast once in forward): the mask logits are fp32 under AMP too
         with torch.autocast(device_type=mask_features.device.type, enabled=False):
-            mask_logits = torch.einsum("bqc,bchw->bqhw", embed.float(), mask_features.float())
+            mask_logits = torch.einsum("bqc,bchw->bqhw", embed.float(), mask_features)
         attn_mask = compute_attention_mask(mask_logits, target_size, self.num_heads)
         return logits, mask_logits, attn_mask
