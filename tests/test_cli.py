@@ -654,3 +654,41 @@ def test_trainer_parts_see_the_scaled_cfg(work):
     evals = [h for h in trainer._hooks if isinstance(h, hooks.EvalHook)]
     assert [h.period for h in checkpointers] == [4] and [h._period for h in evals] == [4]
     assert trainer.model.criterion.pairwise_warmup_iters == 10
+
+
+@pytest.mark.slow
+def test_compare_predictions_writes_side_by_side_pngs_and_names_a_bad_run(trained, sim_trained, work, tmp_path):
+    """tools/compare_predictions.py on the box-only and the SIM tiny runs: one PNG per chosen image,
+    GT + one panel per run side by side, GT colours from the shared palette; a run directory
+    without config.yaml is an error naming it, not a traceback."""
+    import numpy as np
+    from PIL import Image
+
+    from mask2former_sim.engine.visualize import INSTANCE_PALETTE
+
+    panel = 200
+    out = tmp_path / "cmp_pred"
+    rc, log = run(["tools/compare_predictions.py", str(trained["out"]), str(sim_trained), "--out", str(out),
+                   "--images", "2", "--panel-size", str(panel), "--opts"] + tiny(work["data"], train=False),
+                  work["cache"])
+    assert rc == 0, log[-3000:]
+    written = sorted(glob.glob(str(out / "*.png")))
+    assert len(written) == 2, (written, log[-2000:])
+    for path in written:
+        assert path in log, (path, log[-2000:])  # the written paths are printed
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+        assert os.path.getsize(path) > 5000, path
+        with Image.open(path) as img:
+            rgb = img.convert("RGB")
+        width, height = rgb.size
+        assert width >= 3 * panel and height >= panel, (path, rgb.size)  # GT + 2 runs in a row
+        gt_panel = np.asarray(rgb)[:, :panel]
+        assert (gt_panel == np.array(INSTANCE_PALETTE[0], dtype=np.uint8)).all(-1).any(), path  # 1st GT's colour
+    no_config = tmp_path / "no_config_run"
+    no_config.mkdir()
+    rc, log = run(["tools/compare_predictions.py", str(trained["out"]), str(no_config), "--out", str(out)],
+                  work["cache"])
+    assert rc != 0, log[-2000:]
+    assert "no_config_run" in log and "config.yaml" in log, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]
