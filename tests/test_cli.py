@@ -482,6 +482,34 @@ def test_compare_runs_tables_plots_and_missing_files(trained, sim_trained, work,
     empty.mkdir()
     rc, log = run(["tools/compare_runs.py", str(empty), "--baseline", str(box), "--out", str(out)], work["cache"])
     assert rc != 0 and "no_metrics" in log and "metrics.json" in log, log[-2000:]
+    assert "## Mean ± std over seeds" not in text  # no two runs differ in SEED alone
+
+    # a second seed of the box-only run (its config differs in SEED and one ignored key only)
+    seed7 = tmp_path / "train_seed7"
+    shutil.copytree(box, seed7)
+    cfg7 = yaml.safe_load(open(seed7 / "config.yaml"))
+    cfg7["SEED"], cfg7["TEST"]["EVAL_PERIOD"] = 7, 123
+    yaml.safe_dump(cfg7, open(seed7 / "config.yaml", "w"))
+    rows7 = read_metrics(seed7 / "metrics.json")
+    for r in rows7:
+        if "segm/AP" in r:
+            r["segm/AP"] = finals[box]["segm/AP"] + 3.0
+    (seed7 / "metrics.json").write_text("".join(json.dumps(r) + "\n" for r in rows7))
+    rc, log = run(["tools/compare_runs.py", str(sim), str(seed7), "--baseline", str(box), "--out", str(out),
+                   "--group-ignore", "TEST.EVAL_PERIOD"], work["cache"])
+    assert rc == 0, log[-3000:]
+    text = (out / "comparison.md").read_text()
+    row = next(line for line in text.split("## Mean ± std over seeds")[1].splitlines() if line.startswith("| train, train_seed7 |"))
+    a0, a7 = finals[box]["segm/AP"], finals[box]["segm/AP"] + 3.0
+    assert f"| {(a0 + a7) / 2:.1f} ± {abs(a7 - a0) / 2 ** 0.5:.1f} |" in row, row
+    assert f"| {box_seed(box)}, 7 |" in row and f"{a7:.1f}" in row, row
+    assert "| sim" not in text.split("## Mean ± std over seeds")[1].split("## Per-class")[0]  # SIM has one seed
+
+
+def box_seed(run_dir):
+    import yaml
+
+    return yaml.safe_load(open(run_dir / "config.yaml"))["SEED"]
 
 
 @pytest.mark.slow

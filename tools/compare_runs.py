@@ -9,8 +9,9 @@ OUTPUT_DIR) and writes
 
 * ``DIR/comparison.md``: one row per run (config, supervision, backbone, iterations x batch,
   mask AP / AP50 / AP75 / APs / APm / APl, box AP, delta to the baseline, s/iter, peak
-  memory, approximate training time), a per-class mask AP table with deltas, and the config
-  keys that differ between the runs;
+  memory, approximate training time); for runs whose configs differ only in SEED, their mean
+  ± sample standard deviation (e.g. the runs of ``benchmark_synthetic.py --seeds``); a
+  per-class mask AP table with deltas, and the config keys that differ between the runs;
 * ``DIR/losses.png`` (one panel per loss family, summed over decoder outputs),
   ``DIR/mask_ap.png`` (mask AP over iterations, when periodic evaluation ran) and
   ``DIR/per_class_delta.png`` (per-class mask AP minus the baseline's).
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("runs", nargs="+", help="OUTPUT_DIRs of train_net.py runs")
     p.add_argument("--baseline", required=True, help="the run the deltas are taken against (may be one of runs)")
     p.add_argument("--out", required=True, help="directory for comparison.md and the plots")
+    p.add_argument("--group-ignore", nargs="*", default=[], metavar="KEY",
+                   help="config keys that do not change training (e.g. MODEL.SIM.EVAL_PSEUDO_MASKS), ignored when "
+                        "runs are grouped over seeds")
     return p.parse_args(argv)
 
 
@@ -138,7 +142,48 @@ def differing_keys(runs) -> "OrderedDict[str, list]":
     return out
 
 
-def markdown(runs, names, base, base_name) -> str:
+def _mean_std(values) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "–"
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.fmean(values):.1f} ± {std:.1f}"
+
+
+def seed_groups(runs, ignore=()) -> "OrderedDict[tuple, list]":
+    """Runs whose configs are equal but for SEED, OUTPUT_DIR and ``ignore``: {config: [run index, ...]}."""
+    skip = {"OUTPUT_DIR", "SEED", *ignore}
+    groups = OrderedDict()
+    for i, r in enumerate(runs):
+        key = tuple(sorted((k, repr(v)) for k, v in r["cfg"].items() if k not in skip))
+        groups.setdefault(key, []).append(i)
+    return groups
+
+
+def seed_table(runs, names, base, ignore=()) -> list:
+    """Markdown lines of the mean ± sample std over seeds of every group with two or more seeds."""
+    groups = seed_groups(runs, ignore)
+    multi = [members for members in groups.values() if len({runs[i]["cfg"].get("SEED") for i in members}) > 1]
+    if not multi:
+        return []
+    base_group = next(members for members in groups.values() if any(runs[i] is base for i in members))
+    base_mean = statistics.fmean(runs[i]["final"]["segm/AP"] for i in base_group)
+    lines = ["", "## Mean ± std over seeds (runs equal but for SEED)", "",
+             "| runs | seeds | mask AP | AP50 | AP75 | box AP | Δ mask AP (to the baseline's seeds) | mask AP per seed |",
+             "|---|---|---|---|---|---|---|---|"]
+    for members in multi:
+        finals = [runs[i]["final"] for i in members]
+        seeds = [runs[i]["cfg"].get("SEED") for i in members]
+        cells = [", ".join(names[i] for i in members), ", ".join(str(x) for x in seeds)]
+        cells += [_mean_std([f.get(f"segm/{m}") for f in finals]) for m in ("AP", "AP50", "AP75")]
+        cells.append(_mean_std([f.get("bbox/AP") for f in finals]))
+        cells.append(f"{statistics.fmean(f['segm/AP'] for f in finals) - base_mean:+.1f}")
+        cells.append(", ".join(f"{sd}: {f['segm/AP']:.1f}" for sd, f in zip(seeds, finals)))
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def markdown(runs, names, base, base_name, group_ignore=()) -> str:
     b = base["final"]
     lines = [f"# Run comparison (baseline: {base_name})", "",
              "| run | supervision | backbone | iters x batch | mask AP | AP50 | AP75 | APs | APm | APl | box AP "
@@ -151,6 +196,7 @@ def markdown(runs, names, base, base_name) -> str:
         cells += [f"{f['segm/AP'] - b['segm/AP']:+.1f}", f"{f.get('bbox/AP', float('nan')) - b.get('bbox/AP', float('nan')):+.1f}"]
         cells += [_fmt(r["s_per_iter"], 3), _fmt(r["peak_memory_mib"], 0), _fmt(r["train_minutes"])]
         lines.append("| " + " | ".join(cells) + " |")
+    lines += seed_table(runs, names, base, group_ignore)
     classes = class_names(base)
     if classes:
         lines += ["", "## Per-class mask AP (Δ to the baseline)", "",
@@ -214,7 +260,7 @@ def plots(runs, names, base, out_dir) -> list:
     classes = class_names(base)
     others = [(r, n) for r, n in zip(runs, names) if r is not base]
     if classes and others:
-        fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(classes) * len(others)), 3.2))
+        fig, ax = plt.subplots(figsize=(min(14.0, max(5.0, 2.0 + 0.35 * len(classes) * len(others))), 3.6))
         width = 0.8 / len(others)
         for i, (r, n) in enumerate(others):
             deltas = [r["final"].get(f"segm/AP-{c}", float("nan")) - base["final"].get(f"segm/AP-{c}", float("nan"))
@@ -246,7 +292,7 @@ def main(argv=None):
     names = unique_names(paths)
     base = runs[paths.index(base_path)]
     os.makedirs(args.out, exist_ok=True)
-    text = markdown(runs, names, base, names[paths.index(base_path)])
+    text = markdown(runs, names, base, names[paths.index(base_path)], args.group_ignore)
     with open(os.path.join(args.out, "comparison.md"), "w") as f:
         f.write(text)
     written = plots(runs, names, base, args.out)
