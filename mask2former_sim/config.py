@@ -25,6 +25,10 @@ def add_maskformer2_config(cfg):
 
     cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = True
 
+    # timeout of the process group's collectives (minutes): when one process dies, the others
+    # stop with an error after this long instead of waiting for ever (train_net.py's launch)
+    cfg.DIST_TIMEOUT_MINUTES = 30.0
+
     # ---------------------------------------------------------------- solver
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     cfg.SOLVER.BACKBONE_MULTIPLIER = 0.1
