@@ -44,16 +44,62 @@ def parse_args(argv=None):
     return args
 
 
+def build_training_parts(cfg):
+    """The model of ``cfg`` in training mode (seed 0; SIM: with its EMA teacher attached, as the
+    trainer does after loading weights) and its optimizer. Shared with benchmark_train_step.py."""
+    import torch
+
+    import mask2former_sim  # noqa: F401  (compat shim, registrations)
+    from detectron2.modeling import build_model
+
+    from mask2former_sim.engine.optimizer import build_optimizer
+
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    model.train()
+    if cfg.MODEL.SIM.ENABLED:
+        model.attach_teacher()
+    return model, build_optimizer(cfg, model)
+
+
+def training_step(model, optimizer, batch, it: int, parts=None, autocast=None):
+    """One whole training step on ``batch`` at iteration ``it``: forward (student, and with SIM the
+    teacher and pseudo labels) and criterion, under ``autocast()`` when given (e.g. bf16 AMP);
+    backward, clipping + optimizer step, and SIM's teacher EMA update, outside it. Returns the
+    total loss (a tensor). ``parts``, a dict, gets the wall seconds of backward / optimizer /
+    teacher EMA added (host time: meaningful on the CPU)."""
+    import contextlib
+
+    from detectron2.utils.events import EventStorage
+
+    def add(name, t):
+        if parts is not None:
+            parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+
+    with EventStorage(it):
+        with (autocast or contextlib.nullcontext)():
+            losses = model(batch)
+            loss = sum(losses.values())
+        optimizer.zero_grad()
+        t = time.perf_counter()
+        loss.backward()
+        add("backward", t)
+        t = time.perf_counter()
+        optimizer.step()
+        add("optimizer", t)
+        if model.teacher is not None:
+            t = time.perf_counter()
+            model.update_teacher()
+            add("teacher EMA", t)
+    return loss.detach()
+
+
 def worker(config: str, args) -> dict:
     """One config: build, run the steps, return the timings (runs in the subprocess)."""
     import torch
 
     import mask2former_sim  # noqa: F401
-    from detectron2.modeling import build_model
-    from detectron2.utils.events import EventStorage
-
     from mask2former_sim.data.registry import register_datasets_for
-    from mask2former_sim.engine.optimizer import build_optimizer
     from mask2former_sim.engine.setup import build_cfg
     from mask2former_sim.engine.trainer import Trainer
 
@@ -62,13 +108,8 @@ def worker(config: str, args) -> dict:
             "DATALOADER.NUM_WORKERS", "0"] + list(args.opts)
     cfg = build_cfg(os.path.join(ROOT, config) if not os.path.isabs(config) else config, opts)
     register_datasets_for(cfg)
-    torch.manual_seed(0)
-    model = build_model(cfg)
-    model.train()
-    sim = bool(cfg.MODEL.SIM.ENABLED)
-    if sim:
-        model.attach_teacher()
-    optimizer = build_optimizer(cfg, model)
+    model, optimizer = build_training_parts(cfg)
+    sim = model.teacher is not None
     loader = iter(Trainer.build_train_loader(cfg))
     batches = [next(loader) for _ in range(args.warmup_steps + args.steps)]
 
@@ -93,20 +134,7 @@ def worker(config: str, args) -> dict:
         crit.pseudo_labeler.memory.update = timed("prototype update", crit.pseudo_labeler.memory.update)
 
     def step(batch, it):
-        with EventStorage(it):
-            losses = model(batch)
-            loss = sum(losses.values())
-            optimizer.zero_grad()
-            t = time.perf_counter()
-            loss.backward()
-            parts["backward"] = parts.get("backward", 0.0) + time.perf_counter() - t
-            t = time.perf_counter()
-            optimizer.step()
-            parts["optimizer"] = parts.get("optimizer", 0.0) + time.perf_counter() - t
-            if sim:
-                t = time.perf_counter()
-                model.update_teacher()
-                parts["teacher EMA"] = parts.get("teacher EMA", 0.0) + time.perf_counter() - t
+        training_step(model, optimizer, batch, it, parts=parts)
 
     for i in range(args.warmup_steps):
         step(batches[i], i)
