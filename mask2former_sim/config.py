@@ -169,16 +169,26 @@ def add_sim_config(cfg):
     # copy-paste (Eq.9, Eq.11)
     sim.COPY_PASTE = CN()
     cp = sim.COPY_PASTE
-    cp.ENABLED = False
-    cp.BANK_SIZE = 100
-    cp.PROB = 0.5
-    cp.FRACTION = 0.25
+    cp.ENABLED = False  # needs MODEL.SIM.ENABLED; bank filled and pasting from WARMUP_ITERS on
+    cp.BANK_SIZE = 100  # FIFO entries per process, one per training image
+    cp.PROB = 0.5  # chance that an image receives pasted instances (once the bank holds one)
+    cp.FRACTION = 0.25  # n = clamp(floor(FRACTION * instances of the drawn entry), 1, MAX_INSTANCES)
     cp.MAX_INSTANCES = 3
-    cp.MASK_THRESH = 0.7
-    cp.OCCLUDED_DROP = 1.0  # drop originals whose visible fraction of box area is below 1 - this
-    cp.WEIGHT = 1.0  # lambda_2
+    cp.MASK_THRESH = 0.7  # paste mask M_g = 1[T_g upsampled > MASK_THRESH] inside the box (Eq.11)
+    # an original GT is dropped when the pasted pixels cover more than this fraction of its box
+    # (1.0: only when nothing of it is left)
+    cp.OCCLUDED_DROP = 1.0
+    cp.WEIGHT = 1.0  # lambda_2 (Eq.9)
     cp.CE_WEIGHT = 5.0
     cp.DICE_WEIGHT = 5.0
+    # bound of the bank's memory per process (MiB; 0: BANK_SIZE alone bounds it): the oldest
+    # entries leave first. 100 LSJ-1024 entries of typical images take ~46 MiB, crowded images
+    # with large objects ~127 MiB (docs/BENCHMARKS.md)
+    cp.MAX_BANK_MIB = 64.0
+    # save the bank in checkpoints: the main process's bank (only it writes checkpoints), so a
+    # one-process run resumes exactly; with several processes every one resumes with a copy of
+    # the main process's bank
+    cp.BANK_IN_CHECKPOINT = False
 
     # box-crop classification pretraining of the backbone before training, for data without
     # an ImageNet-initialised backbone (see mask2former_sim/engine/backbone_pretrain.py)

@@ -720,3 +720,45 @@ def test_compare_predictions_writes_side_by_side_pngs_and_names_a_bad_run(traine
     assert rc != 0, log[-2000:]
     assert "no_config_run" in log and "config.yaml" in log, log[-2000:]
     assert "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_copy_paste_trains_from_train_net_and_visualize_copy_paste_draws_it(work, tmp_path):
+    """train_net.py with the copy-paste SIM config (every image receives a paste once the bank holds
+    an entry; threshold 0.3 so that an untrained teacher's maps fill it): the copy-paste loss and
+    the bank's size reach metrics.json; then tools/visualize_copy_paste.py on its checkpoint
+    writes one valid PNG per image, and names a missing checkpoint without a traceback."""
+    from PIL import Image
+
+    cp_cfg = "configs/synthetic/sim_cp_R18_synth.yaml"
+    out = work["base"] / "sim_cp"
+    sim = {"SOLVER.MAX_ITER": 4, "MODEL.SIM.WARMUP_ITERS": 1, "MODEL.SIM.MODULATION": 1.0,
+           "MODEL.SIM.LOW_THRESH": 0.5, "MODEL.SIM.HIGH_THRESH": 0.5,
+           "MODEL.SIM.COPY_PASTE.PROB": 1.0, "MODEL.SIM.COPY_PASTE.MASK_THRESH": 0.3}
+    rc, log = run(["train_net.py", "--config-file", cp_cfg] + tiny(work["data"], out, **sim), work["cache"])
+    assert rc == 0, log[-5000:]
+    rows = read_metrics(out / "metrics.json")
+    assert any(r.get("loss_paste_ce", 0) > 0 for r in rows), rows
+    # the sim/* scalars: every 20 iterations and at the last one
+    assert [r for r in rows if "sim/bank_entries" in r][-1]["sim/bank_entries"] > 0, rows
+    viz = tmp_path / "cp_panels"
+    model_opts = {k: v for k, v in sim.items() if k.startswith("MODEL.SIM.")}
+    common = ["tools/visualize_copy_paste.py", "--config-file", cp_cfg, "--output", str(viz),
+              "--images", "2", "--steps", "2"]
+    rc, log = run(common + ["--weights", str(out / "model_final.pth"), "--opts"]
+                  + tiny(work["data"], train=False, **model_opts)
+                  + opts(**{"SOLVER.IMS_PER_BATCH": 2, "MODEL.MASK_FORMER.TRAIN_NUM_POINTS": 256}),
+                  work["cache"])
+    assert rc == 0, log[-3000:]
+    written = sorted(glob.glob(str(viz / "*.png")))
+    assert len(written) == 2, (written, log[-2000:])
+    for path in written:
+        assert path in log, (path, log[-2000:])
+        with open(path, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n", path
+        with Image.open(path) as img:
+            width, height = img.size
+        assert width > 2 * 384 and height > 384, (path, img.size)  # original and pasted side by side
+    rc, log = run(common + ["--weights", MISSING_WEIGHTS], work["cache"])
+    assert rc != 0 and MISSING_WEIGHTS in log and "--weights" in log, log[-2000:]
+    assert "Traceback" not in log, log[-2000:]

@@ -224,8 +224,7 @@ def test_every_config_builds_and_runs(path):
     assert len(out[0]["instances"]) == cfg.MODEL.MASK_FORMER.TEST.DETECTIONS_PER_IMAGE
 
 
-@pytest.mark.parametrize("key", ["MODEL.SIM.COPY_PASTE.ENABLED"])
-def test_unimplemented_sim_is_rejected_not_ignored(tmp_path, key):
-    cfg = build_cfg(BOXINST, tiny_opts(tmp_path / "data", tmp_path / "out", **{key: True}))
-    with pytest.raises(NotImplementedError, match="not implemented yet"):
+def test_copy_paste_without_sim_is_rejected_not_ignored(tmp_path):
+    cfg = build_cfg(BOXINST, tiny_opts(tmp_path / "data", tmp_path / "out", **{"MODEL.SIM.COPY_PASTE.ENABLED": True}))
+    with pytest.raises(ValueError, match="MODEL.SIM.ENABLED True"):
         build_model(cfg)

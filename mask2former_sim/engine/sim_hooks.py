@@ -15,6 +15,7 @@ from torch.nn.parallel import DistributedDataParallel
 logger = logging.getLogger(__name__)
 
 TEACHER_KEY = "sim_teacher"
+BANK_KEY = "sim_copy_paste_bank"  # checkpoint["trainer"][BANK_KEY], with BANK_IN_CHECKPOINT
 
 
 def unwrap(model):
@@ -26,7 +27,8 @@ class TeacherEMAHook(HookBase):
     """teacher <- m * teacher + (1 - m) * student after every optimizer step (METHOD.md §2); every
     ``period`` steps (the writer's) also the pseudo labeler's statistics of the step into the
     EventStorage: ``sim/pseudo_pos_fraction``, ``sim/pseudo_neg_fraction`` (in-box cells pushed up /
-    down) and ``sim/proto_pixels`` (pixels of the prototype update, all processes)."""
+    down) and ``sim/proto_pixels`` (pixels of the prototype update, all processes); with copy-paste
+    ``sim/bank_entries``, ``sim/bank_mib``, ``sim/pasted_instances``, ``sim/dropped_originals``."""
 
     def __init__(self, period: int = 20):
         self._period = int(period)
@@ -41,6 +43,9 @@ class TeacherEMAHook(HookBase):
             names = {"pseudo_pos_fraction": "sim/pseudo_pos_fraction", "pseudo_neg_fraction": "sim/pseudo_neg_fraction",
                      "num_pixels": "sim/proto_pixels"}
             values = {names[k]: float(v) for k, v in stats.items() if k in names}
+            copy_paste = getattr(model, "copy_paste", None)
+            if copy_paste is not None:  # bank size and memory, instances pasted / originals dropped this step
+                values.update({f"sim/{k}": v for k, v in copy_paste.last_stats.items()})
             if values:
                 self.trainer.storage.put_scalars(**values, smoothing_hint=False)
 

@@ -27,7 +27,7 @@ from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone
 from .checkpoint import AtomicCheckpointer
 from .optimizer import build_optimizer
 from .resource_hooks import PeakMemoryHook
-from .sim_hooks import TEACHER_KEY, TeacherEMAHook, attach_teacher, load_teacher_for_evaluation, unwrap
+from .sim_hooks import BANK_KEY, TEACHER_KEY, TeacherEMAHook, attach_teacher, load_teacher_for_evaluation, unwrap
 
 logger = logging.getLogger(__name__)
 
@@ -212,6 +212,10 @@ class Trainer(DefaultTrainer):
         teacher = unwrap(self.model).teacher
         if teacher is not None:
             state[TEACHER_KEY] = teacher.state_dict()
+        copy_paste = getattr(unwrap(self.model), "copy_paste", None)
+        bank = copy_paste.bank_state() if copy_paste is not None else None
+        if bank is not None:  # MODEL.SIM.COPY_PASTE.BANK_IN_CHECKPOINT: this process's bank
+            state[BANK_KEY] = bank
         return state
 
     def load_state_dict(self, state_dict):
@@ -222,6 +226,13 @@ class Trainer(DefaultTrainer):
                 self._pending_teacher_state = state_dict[TEACHER_KEY]
             else:
                 logger.warning("checkpoint has no SIM teacher: it restarts from the loaded student")
+        copy_paste = getattr(unwrap(self.model), "copy_paste", None)
+        if copy_paste is not None and copy_paste.bank_in_checkpoint:
+            if BANK_KEY in state_dict:
+                copy_paste.load_bank_state(state_dict[BANK_KEY])
+                logger.info("copy-paste bank restored from the checkpoint (%d entries)", len(copy_paste.bank))
+            else:
+                logger.warning("checkpoint has no copy-paste bank: it refills after the warm-up")
         if "_trainer" in state_dict:
             self._trainer.load_state_dict(state_dict["_trainer"])
         else:

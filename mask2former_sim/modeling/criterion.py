@@ -4,7 +4,11 @@ Box mode (METHOD.md §1): classification CE + projection loss + colour pairwise 
 matched with the box-projection Hungarian matcher. Full mode: classification CE +
 point-sampled mask CE and dice, matched on mask costs (the fully supervised upper bound).
 SIM (METHOD.md §2, §4): box mode plus the pseudo-mask loss on targets built from the EMA
-teacher's outputs (``mask2former_sim/sim/pseudo_labeler.py``).
+teacher's outputs (``mask2former_sim/sim/pseudo_labeler.py``). Copy-paste (§3, Eq.9): GTs
+pasted by ``sim/copy_paste.py`` (the last ``num_pasted`` of an image, with ``paste_masks``)
+are matched and take the CE, projection and pairwise losses like any GT, get no pseudo-mask
+loss, and get the point-sampled mask loss ``loss_paste_ce`` / ``loss_paste_dice`` against
+their paste masks.
 Every decoder output is matched and supervised (deep supervision); the losses of aux output
 i carry the suffix ``_{i}``. Returned losses are already weighted: their sum is the loss.
 Box mode never reads ``targets[i]["masks"]``.
@@ -55,6 +59,7 @@ _LOSS_KEYS = {
     "pairwise": ("loss_pairwise",),
     "masks": ("loss_mask", "loss_dice"),
     "pseudo": ("loss_pseudo_bce", "loss_pseudo_dice"),
+    "paste": ("loss_paste_ce", "loss_paste_dice"),
 }
 
 
@@ -75,6 +80,11 @@ class PreparedTargets:
     valid_grid: Optional[torch.Tensor]  # (B, H, W) bool on the loss grid
     ramp: float  # pairwise warm-up ramp
     edge_counts: Optional[torch.Tensor] = None  # (G,) edges per GT (the pairwise loss's normaliser)
+    # copy-paste (sim/copy_paste.py): the last num_pasted[b] GTs of image b were pasted
+    num_pasted: Optional[List[int]] = None  # per image (host ints)
+    pasted: Optional[torch.Tensor] = None  # (G,) bool
+    paste_index: Optional[torch.Tensor] = None  # (G,) row of each pasted GT in paste_masks, -1 for originals
+    paste_masks: Optional[torch.Tensor] = None  # (P, Hp, Wp) bool, padded-input pixels
 
 
 @dataclass
@@ -86,6 +96,7 @@ class MatchResult:
     query_idx: torch.Tensor  # (L+1, M) query of each matched pair
     gt_idx: torch.Tensor  # (L+1, M) GT (index into the batch's G GTs) of each matched pair
     query_of_gt: torch.Tensor  # (L+1, G) query matched to each GT, -1 where none (more GTs than queries)
+    num_paste_pairs: Optional[List[int]] = None  # per output: the first n pairs have a pasted GT
 
 
 class BoxSupSetCriterion(nn.Module):
@@ -181,6 +192,8 @@ class BoxSupSetCriterion(nn.Module):
             "loss_dice": mf.DICE_WEIGHT,
             "loss_pseudo_bce": sim.PSEUDO_WEIGHT * sim.PSEUDO_BCE_WEIGHT,
             "loss_pseudo_dice": sim.PSEUDO_WEIGHT * sim.PSEUDO_DICE_WEIGHT,
+            "loss_paste_ce": sim.COPY_PASTE.WEIGHT * sim.COPY_PASTE.CE_WEIGHT,
+            "loss_paste_dice": sim.COPY_PASTE.WEIGHT * sim.COPY_PASTE.DICE_WEIGHT,
         }
         losses = ("labels", "masks") if full else ("labels", "projection", "pairwise")
         pseudo_labeler = None
@@ -192,6 +205,8 @@ class BoxSupSetCriterion(nn.Module):
                 losses = losses + ("pseudo",)
             else:
                 pseudo_labeler = None
+            if sim.COPY_PASTE.ENABLED:
+                losses = losses + ("paste",)
         return cls(
             num_classes=cfg.MODEL.SEM_SEG_HEAD.NUM_CLASSES,
             matcher=matcher,
@@ -426,6 +441,13 @@ class BoxSupSetCriterion(nn.Module):
             ramp = self.pairwise_ramp(iteration)
         elif image_info is not None and "valid" in image_info:
             valid_grid = downsample_valid(image_info["valid"].to(device), self.loss_stride)
+        num_pasted = pasted = paste_index = paste_masks = None
+        if "paste" in self.losses and any(int(t.get("num_pasted", 0)) for t in targets):
+            num_pasted = [int(t.get("num_pasted", 0)) for t in targets]
+            flags = [i >= n - p for n, p in zip(counts, num_pasted) for i in range(n)]
+            pasted = torch.tensor(flags, dtype=torch.bool).to(device)
+            paste_index = (torch.cumsum(pasted.long(), 0) - 1).masked_fill(~pasted, -1)
+            paste_masks = torch.cat([t["paste_masks"].to(device) for t, p in zip(targets, num_pasted) if p])
         return PreparedTargets(
             per_image=per_image,
             labels=labels.to(device),
@@ -440,6 +462,10 @@ class BoxSupSetCriterion(nn.Module):
             valid_grid=valid_grid,
             ramp=ramp,
             edge_counts=edge_counts,
+            num_pasted=num_pasted,
+            pasted=pasted,
+            paste_index=paste_index,
+            paste_masks=paste_masks,
         )
 
     # ------------------------------------------------------------------ step 2: match
@@ -456,11 +482,23 @@ class BoxSupSetCriterion(nn.Module):
         num_gt = offsets[-1]
         triples = []  # per output: (3, M) rows image, query, GT
         query_of_gt = torch.full((len(indices), num_gt), -1, dtype=torch.int64)
+        # with copy-paste, the pairs of pasted GTs come first (their count per output is known
+        # here, on the host), so the paste loss slices them without a device sync
+        first_pasted = [n - p for n, p in zip(prepared.counts, prepared.num_pasted)] if prepared.num_pasted else None
+        num_paste_pairs = [] if first_pasted else None
         for level, per_image in enumerate(indices):
-            rows = []
+            rows, pasted_rows = [], []
             for b, (src, tgt) in enumerate(per_image):
-                rows.append(torch.stack([torch.full_like(src, b), src, tgt + offsets[b]]))
+                row = torch.stack([torch.full_like(src, b), src, tgt + offsets[b]])
+                if first_pasted:
+                    is_pasted = tgt >= first_pasted[b]
+                    pasted_rows.append(row[:, is_pasted])
+                    row = row[:, ~is_pasted]
+                rows.append(row)
                 query_of_gt[level, tgt + offsets[b]] = src
+            if first_pasted:
+                num_paste_pairs.append(sum(r.shape[1] for r in pasted_rows))
+                rows = pasted_rows + rows
             triples.append(torch.cat(rows, dim=1) if rows else torch.zeros((3, 0), dtype=torch.int64))
         packed = torch.cat([torch.stack(triples), query_of_gt[:, None].expand(-1, 3, -1)], dim=2)
         device = prepared.labels.device
@@ -468,7 +506,8 @@ class BoxSupSetCriterion(nn.Module):
         m = triples[0].shape[1] if triples else 0
         flat, qog = packed[:, :, :m], packed[:, 0, m:]
         return MatchResult(
-            indices=indices, batch_idx=flat[:, 0], query_idx=flat[:, 1], gt_idx=flat[:, 2], query_of_gt=qog
+            indices=indices, batch_idx=flat[:, 0], query_idx=flat[:, 1], gt_idx=flat[:, 2], query_of_gt=qog,
+            num_paste_pairs=num_paste_pairs,
         )
 
     # ------------------------------------------------------------------ step 3: losses
@@ -519,6 +558,26 @@ class BoxSupSetCriterion(nn.Module):
         bce, dice = self.pseudo_labeler.loss(src, pseudo.targets[gt_idx], pseudo.weights[gt_idx])
         return {"loss_pseudo_bce": bce.sum() / prepared.num_masks, "loss_pseudo_dice": dice.sum() / prepared.num_masks}
 
+    def loss_paste(self, out, prepared: PreparedTargets, level: int, match: MatchResult) -> Dict[str, torch.Tensor]:
+        """Eq.9: point-sampled CE + dice against the paste masks, pasted GTs only, normalised
+        by the number of pasted GTs of this process's batch."""
+        if prepared.paste_masks is None or not match.num_paste_pairs[level]:
+            zero = out["pred_masks"].sum() * 0.0  # the terms exist (and are 0) when nothing was pasted
+            return {"loss_paste_ce": zero, "loss_paste_dice": zero}
+        m = match.num_paste_pairs[level]
+        b, q, g = match.batch_idx[level][:m], match.query_idx[level][:m], match.gt_idx[level][:m]
+        target = prepared.paste_masks[prepared.paste_index[g]]
+        ce, dice = point_mask_losses(
+            out["pred_masks"][b, q].to(torch.float32),
+            target,
+            float(max(sum(prepared.num_pasted), 1)),
+            self.num_points,
+            self.oversample_ratio,
+            self.importance_sample_ratio,
+            self.matcher.generator,
+        )
+        return {"loss_paste_ce": ce, "loss_paste_dice": dice}
+
     def _output_losses(self, out, prepared: PreparedTargets, level: int, match: MatchResult, pseudo):
         raw: Dict[str, torch.Tensor] = {}
         gt_idx = match.gt_idx[level]
@@ -535,6 +594,8 @@ class BoxSupSetCriterion(nn.Module):
                 raw.update(self.loss_pseudo(src, prepared, gt_idx, pseudo))
         if "masks" in self.losses:
             raw.update(self.loss_masks(out, prepared, level, match))
+        if "paste" in self.losses:
+            raw.update(self.loss_paste(out, prepared, level, match))
         weighted = {k: v * self.weight_dict[k] for k, v in raw.items()}
         if "loss_pairwise" in weighted:
             weighted["loss_pairwise"] = weighted["loss_pairwise"] * prepared.ramp
@@ -583,6 +644,9 @@ class BoxSupSetCriterion(nn.Module):
                     teacher_levels, teacher_outputs["mask_features"], prepared, match, iteration,
                     stride=self.loss_stride, to_loss_grid=self._to_loss_grid,
                 )
+                if prepared.pasted is not None and pseudo.weights is not None:
+                    # pasted instances have a known mask (the paste loss): no pseudo-mask loss
+                    pseudo.weights = pseudo.weights * (~prepared.pasted)[:, None, None]
             self.last_pseudo = pseudo
             losses: Dict[str, torch.Tensor] = {}
             for level, (suffix, out) in enumerate(decoder_outputs):

@@ -24,6 +24,7 @@ from detectron2.structures import Boxes, ImageList, Instances
 from detectron2.utils.events import get_event_storage
 
 from ..utils.boxes import masks_to_boxes
+from ..sim.copy_paste import CopyPaste
 from ..sim.teacher import EMATeacher
 from .criterion import BoxSupSetCriterion
 from .pixel_decoder import build_pixel_decoder
@@ -34,10 +35,10 @@ from .transformer_decoder import build_transformer_decoder
 class BoxSupMaskFormer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        if cfg.MODEL.SIM.COPY_PASTE.ENABLED:
-            raise NotImplementedError(
-                "MODEL.SIM.COPY_PASTE.ENABLED: SIM's copy-paste (memory bank, Eq.9/11) is not "
-                "implemented yet; SIM's teacher, prototypes and pseudo-mask loss are (MODEL.SIM.ENABLED)"
+        if cfg.MODEL.SIM.COPY_PASTE.ENABLED and not (cfg.MODEL.SIM.ENABLED and cfg.MODEL.SIM.PSEUDO_LOSS):
+            raise ValueError(
+                "MODEL.SIM.COPY_PASTE.ENABLED needs SIM's teacher instance maps: set MODEL.SIM.ENABLED True "
+                "and MODEL.SIM.PSEUDO_LOSS True"
             )
         self.backbone = build_backbone(cfg)
         self.pixel_decoder = build_pixel_decoder(cfg, self.backbone.output_shape())
@@ -60,6 +61,10 @@ class BoxSupMaskFormer(nn.Module):
         self.eval_teacher = bool(cfg.MODEL.MASK_FORMER.TEST.EVAL_TEACHER)
         # a plain attribute, not a submodule: see the module docstring
         self._teacher: Optional[EMATeacher] = None
+        # SIM's copy-paste (bank and paste, no parameters; the bank is saved with the model's
+        # state when MODEL.SIM.COPY_PASTE.BANK_IN_CHECKPOINT)
+        self.copy_paste = CopyPaste.from_config(cfg) if cfg.MODEL.SIM.COPY_PASTE.ENABLED else None
+        self.sim_warmup_iters = int(cfg.MODEL.SIM.WARMUP_ITERS)
 
     @property
     def device(self) -> torch.device:
@@ -165,13 +170,28 @@ class BoxSupMaskFormer(nn.Module):
                     "train_net.py --eval-only loads the teacher saved in it)"
                 )
             return self.inference(self._teacher_outputs(images.tensor), batched_inputs, images)
+        if not self.training:
+            return self.inference(self.forward_network(images.tensor), batched_inputs, images)
+        iteration = self._current_iter()
+        targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
+        copy_paste = self.copy_paste is not None and iteration >= self.sim_warmup_iters
+        if copy_paste:
+            raw, targets, covered = self.copy_paste.paste(raw, valid, targets, iteration)
+            images = self._repaint(images, raw, covered)
         outputs = self.forward_network(images.tensor)
-        if self.training:
-            targets = self.prepare_targets(batched_inputs, images.tensor.shape[-2:])
-            image_info = {"images": raw, "valid": valid}
-            teacher_outputs = self._teacher_outputs(images.tensor) if self.criterion.needs_teacher else None
-            return self.criterion(outputs, targets, image_info, self._current_iter(), teacher_outputs=teacher_outputs)
-        return self.inference(outputs, batched_inputs, images)
+        image_info = {"images": raw, "valid": valid}
+        teacher_outputs = self._teacher_outputs(images.tensor) if self.criterion.needs_teacher else None
+        losses = self.criterion(outputs, targets, image_info, iteration, teacher_outputs=teacher_outputs)
+        if copy_paste:
+            self.copy_paste.push(raw, valid, targets, self.criterion.last_pseudo.instance, self.criterion.loss_stride)
+        return losses
+
+    def _repaint(self, images: ImageList, raw: torch.Tensor, covered: torch.Tensor) -> ImageList:
+        """The normalised batch with the pasted pixels (``covered``) taken from ``raw`` (RGB)."""
+        pixels = raw.flip(1) if self.image_format == "BGR" else raw
+        normalised = (pixels - self.pixel_mean) / self.pixel_std
+        tensor = torch.where(covered[:, None], normalised.to(images.tensor.dtype), images.tensor)
+        return ImageList(tensor, images.image_sizes)
 
     @torch.no_grad()
     def inference(self, outputs: Dict, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
