@@ -24,14 +24,16 @@ from detectron2.utils import comm
 import mask2former_sim.modeling  # noqa: F401  (registers the meta-architecture)
 from mask2former_sim.engine.setup import build_cfg, setup
 from mask2former_sim.engine.trainer import Trainer
+from mask2former_sim.utils.distributed import process_group_timeout
 
 
 def _is_local(path: str) -> bool:
     return "://" not in path
 
 
-def check_args(args) -> None:
-    """Exit with a message naming the culprit for the errors found without building anything."""
+def check_args(args):
+    """Exit with a message naming the culprit for the errors found without building anything;
+    returns the config (read again by ``setup`` in every process)."""
     prog = os.path.basename(sys.argv[0]) or "train_net.py"
 
     def fail(msg: str):
@@ -55,6 +57,9 @@ def check_args(args) -> None:
     if args.eval_only and not weights and not resuming:
         fail("--eval-only needs MODEL.WEIGHTS <checkpoint> (or --resume with a checkpoint in OUTPUT_DIR "
              f"{cfg.OUTPUT_DIR}); an untrained model is not evaluated")
+    if not cfg.DIST_TIMEOUT_MINUTES > 0:
+        fail(f"DIST_TIMEOUT_MINUTES must be > 0 (minutes), got {cfg.DIST_TIMEOUT_MINUTES}")
+    return cfg
 
 
 def main(args):
@@ -71,9 +76,15 @@ def main(args):
     return trainer.train()
 
 
+def cli(args):
+    """Check the arguments, then run ``main`` in ``--num-gpus`` processes per machine whose
+    collectives time out after DIST_TIMEOUT_MINUTES (a dead or hung process stops the others)."""
+    cfg = check_args(args)
+    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+           dist_url=args.dist_url, args=(args,), timeout=process_group_timeout(cfg.DIST_TIMEOUT_MINUTES))
+
+
 if __name__ == "__main__":
     args = default_argument_parser().parse_args()
     print("Command Line Args:", args)
-    check_args(args)
-    launch(main, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
-           dist_url=args.dist_url, args=(args,))
+    cli(args)

@@ -27,6 +27,8 @@ import torch
 
 from detectron2.checkpoint import DetectionCheckpointer
 
+from . import fault_injection
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["AtomicCheckpointer", "atomic_write_bytes", "checkpoint_iteration_of"]
@@ -50,12 +52,15 @@ def _fsync_dir(path: str) -> None:
 def _atomic_write(path: str, write) -> None:
     """Write ``path`` through ``write(fileobj)`` into ``path.tmp`` first, then rename into place."""
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp")
+    name = os.path.basename(path)
+    tmp = os.path.join(directory, f".{name}.tmp")
     try:
         with open(tmp, "wb") as f:
-            write(f)
+            # MASK2FORMER_SIM_PAUSE_AT write:NAME / replace:NAME (tests kill the run there)
+            write(fault_injection.PausingWriter(f, name) if fault_injection.requested("write", name) else f)
             f.flush()
             os.fsync(f.fileno())
+        fault_injection.pause_at("replace", name)
         os.replace(tmp, path)
         _fsync_dir(directory)
     except BaseException as e:
@@ -98,6 +103,7 @@ class AtomicCheckpointer(DetectionCheckpointer):
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info("Saving checkpoint to %s", save_file)
         _atomic_write(save_file, lambda f: torch.save(data, f))
+        fault_injection.pause_at("tag", basename)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

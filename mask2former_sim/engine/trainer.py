@@ -24,6 +24,7 @@ from detectron2.utils.env import seed_all_rng
 from ..data.loader import build_positional_train_loader
 from ..data.mappers import BoxSupDatasetMapper, BoxSupTestMapper
 from .backbone_pretrain import check_pretrain_config, ensure_pretrained_backbone, load_pretrained_backbone
+from . import fault_injection
 from .checkpoint import AtomicCheckpointer
 from .optimizer import build_optimizer
 from .resource_hooks import PeakMemoryHook
@@ -168,6 +169,7 @@ class Trainer(DefaultTrainer):
             old = self.checkpointer
             self.checkpointer = AtomicCheckpointer(old.model, old.save_dir, save_to_disk=old.save_to_disk,
                                                    **old.checkpointables)
+        fault_injection.install(self)  # MASK2FORMER_SIM_PAUSE_AT step:N (tests kill the run there); unset: nothing
         hooks = super().build_hooks()
         # peak memory into metrics.json (tools/compare_runs.py), before the writer
         at = next((i for i, h in enumerate(hooks) if type(h).__name__ == "PeriodicWriter"), len(hooks))
@@ -197,6 +199,12 @@ class Trainer(DefaultTrainer):
             loader.dataset.start_position = self.start_iter * self.cfg.SOLVER.IMS_PER_BATCH
             self._trainer._data_loader_iter = iter(loader)
             logger.info("Resuming the data stream at iteration %d", self.start_iter)
+        if resume and self.start_iter >= self.max_iter and not os.path.isfile(
+                os.path.join(self.cfg.OUTPUT_DIR, "model_final.pth")):
+            # killed while model_final.pth was written (after the last iteration's periodic
+            # checkpoint): nothing is left to train, write it from the state just loaded
+            logger.info("Writing the missing model_final.pth from the checkpoint of iteration %d", self.iter)
+            self.checkpointer.save("model_final", iteration=self.iter)
 
     def state_dict(self):
         state = super().state_dict()

@@ -8,7 +8,13 @@ flagged a problem, so all of them raise together.
 Every rank must call these functions at the same point (they are collectives whenever
 torch.distributed is initialised with more than one process); in a single process they are
 local and cost nothing.
+
+``process_group_timeout`` turns ``DIST_TIMEOUT_MINUTES`` into the timeout train_net.py gives
+the process group (detectron2's ``launch``), so that a collective whose peer died or hangs
+raises instead of blocking for ever.
 """
+import datetime
+import os
 from typing import List, Union
 
 import torch
@@ -46,3 +52,19 @@ def any_rank(flag: Union[bool, torch.Tensor]) -> bool:
 def other_rank_error(ranks: List[int], what: str) -> str:
     """Message for the ranks that are fine but stop because ``ranks`` met ``what``."""
     return f"rank(s) {ranks} met {what}; stopping this rank too (see that rank's error for details)"
+
+
+def process_group_timeout(minutes: float) -> datetime.timedelta:
+    """The process group's timeout for ``DIST_TIMEOUT_MINUTES`` (> 0).
+
+    gloo applies it to every collective (a peer that died usually fails the collective at
+    once, through its closed connection; a peer that is alive but never joins fails it after
+    the timeout). NCCL needs its watchdog to act on it: ``TORCH_NCCL_ASYNC_ERROR_HANDLING`` is
+    set to 1 (abort the communicator and end the process) unless the environment sets it
+    already; call this before the processes are spawned, they inherit the variable.
+    """
+    minutes = float(minutes)
+    if not minutes > 0:
+        raise ValueError(f"DIST_TIMEOUT_MINUTES must be > 0 (minutes), got {minutes}")
+    os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    return datetime.timedelta(minutes=minutes)
