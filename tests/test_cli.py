@@ -762,3 +762,18 @@ def test_copy_paste_trains_from_train_net_and_visualize_copy_paste_draws_it(work
     rc, log = run(common + ["--weights", MISSING_WEIGHTS], work["cache"])
     assert rc != 0 and MISSING_WEIGHTS in log and "--weights" in log, log[-2000:]
     assert "Traceback" not in log, log[-2000:]
+
+
+@pytest.mark.slow
+def test_bank_and_step_memory_benchmarks_run_at_small_size(work):
+    """The two memory benchmarks of README / docs/BENCHMARKS.md at small sizes: their markdown
+    tables come out with numbers (the COCO-size figures are in docs/BENCHMARKS.md)."""
+    rc, log = run(["tools/benchmark_bank_memory.py", "--size", "128", "--entries", "3", "--samples", "5"], work["cache"])
+    assert rc == 0, log[-3000:]
+    row = next(line for line in log.splitlines() if line.startswith("|") and re.search(r"\| \d+\.\d+ \|", line))
+    assert float(re.search(r"\| (\d+\.\d+) \|", row).group(1)) > 0, row
+    rc, log = run(["tools/benchmark_step_memory.py", "--size", "128", "--gts", "2", "--repeats", "1", "--threads", "1"],
+                  work["cache"])
+    assert rc == 0, log[-3000:]
+    rows = [line for line in log.splitlines() if re.match(r"\| (boxonly|sim) \| 2 \| \d+ \|", line)]
+    assert {r.split("|")[1].strip() for r in rows} == {"boxonly", "sim"}, log[-3000:]

@@ -23,7 +23,9 @@ import torch.multiprocessing as mp
 import mask2former_sim  # noqa: F401  (compat shim before detectron2, also in spawned workers)
 from mask2former_sim.utils.distributed import process_group_timeout
 
-from test_cli import ROOT, SIM_CFG, load_script, tiny
+from test_cli import ROOT, load_script, tiny
+
+SIM_CP_CFG = "configs/synthetic/sim_cp_R18_synth.yaml"
 
 PROTO_KEY = "criterion.pseudo_labeler.memory.prototypes"
 JOIN = 240  # seconds: every spawned test ends by then, or is killed (CI never hangs)
@@ -63,10 +65,12 @@ def _no_gt_worker(rank, world, init_file, data_root, out_dir, result_dir):
         defaults.create_ddp_model = lambda model, **kw: create_ddp_model(model, device_ids=None, **kw)
 
         os.chdir(ROOT)
-        cfg = build_cfg(SIM_CFG, tiny(data_root, out_dir, **{
+        # SIM + copy-paste: rank 0 fills its bank and pastes from the 3rd step on, rank 1 never
+        cfg = build_cfg(SIM_CP_CFG, tiny(data_root, out_dir, **{
             "SOLVER.MAX_ITER": 3, "SOLVER.CHECKPOINT_PERIOD": 100, "DATASETS.TEST": "()", "SEED": 3,
             "MODEL.SIM.WARMUP_ITERS": 1, "MODEL.SIM.MODULATION": 1.0, "MODEL.SIM.LOW_THRESH": 0.5,
-            "MODEL.SIM.HIGH_THRESH": 0.5, "MODEL.SIM.TEACHER.MOMENTUM": 0.5, "MODEL.SIM.PROTO_MOMENTUM": 0.5}))
+            "MODEL.SIM.HIGH_THRESH": 0.5, "MODEL.SIM.TEACHER.MOMENTUM": 0.5, "MODEL.SIM.PROTO_MOMENTUM": 0.5,
+            "MODEL.SIM.COPY_PASTE.PROB": 1.0, "MODEL.SIM.COPY_PASTE.MASK_THRESH": 0.3}))
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=False)
         seen = []
@@ -85,8 +89,9 @@ def _no_gt_worker(rank, world, init_file, data_root, out_dir, result_dir):
         model = unwrap(trainer.model)
         state = {"seen": seen, "model": {k: v.clone() for k, v in model.state_dict().items()},
                  TEACHER_KEY: {k: v.clone() for k, v in model.teacher.state_dict().items()},
-                 "losses": {k: float(v.median(3)) for k, v in trainer.storage.histories().items()
-                            if k.startswith("loss_pseudo")}}
+                 "losses": {k: max(x for x, _ in v.values()) for k, v in trainer.storage.histories().items()
+                            if k.startswith(("loss_pseudo", "loss_paste"))},
+                 "bank": len(model.copy_paste.bank)}
         torch.save(state, os.path.join(result_dir, f"rank{rank}.pt"))
         dist.destroy_process_group()
     except Exception as e:  # noqa: BLE001  (the outcome is what the test checks)
@@ -96,10 +101,10 @@ def _no_gt_worker(rank, world, init_file, data_root, out_dir, result_dir):
 
 
 @pytest.mark.slow  # two spawned interpreters training 3 tiny SIM steps, about a minute on 2 cores
-def test_a_rank_without_any_gt_completes_its_sim_steps(tmp_path):
+def test_a_rank_without_any_gt_completes_its_sim_and_copy_paste_steps(tmp_path):
     from mask2former_sim.engine.setup import build_cfg
 
-    build_cfg(os.path.join(ROOT, SIM_CFG), tiny(tmp_path / "data"))  # generate the data once, here
+    build_cfg(os.path.join(ROOT, SIM_CP_CFG), tiny(tmp_path / "data"))  # generate the data once, here
     ctx = mp.get_context("spawn")
     procs = [ctx.Process(target=_no_gt_worker, args=(r, 2, str(tmp_path / "pg_init"), str(tmp_path / "data"),
                                                       str(tmp_path / "out"), str(tmp_path))) for r in range(2)]
@@ -112,7 +117,9 @@ def test_a_rank_without_any_gt_completes_its_sim_steps(tmp_path):
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2))
     assert len(r1["seen"]) == 3 and not any(r1["seen"]), r1["seen"]  # 3 steps, no GT on rank 1
     assert all(r0["seen"]), r0["seen"]
-    assert r0["losses"] and any(v > 0 for v in r0["losses"].values()), r0["losses"]  # the pseudo loss acted
+    assert any(v > 0 for k, v in r0["losses"].items() if "pseudo" in k), r0["losses"]  # the pseudo loss acted
+    assert any(v > 0 for k, v in r0["losses"].items() if "paste" in k), r0["losses"]  # and rank 0 pasted
+    assert r0["bank"] > 0 and r1["bank"] == 0, (r0["bank"], r1["bank"])
     # the same student (but for BN running statistics: detectron2 builds DDP with
     # broadcast_buffers=False and the synthetic configs use plain BN, so they are per rank),
     # prototypes and teacher (all of it)

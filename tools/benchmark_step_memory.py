@@ -117,14 +117,17 @@ def worker(case: dict) -> dict:
             teacher_outputs = teacher(levels, mask_features)
         teacher_outputs["mask_features"] = mask_features.detach()
 
+    def forward():
+        # like the model's forward: only the losses leave it, the decoder outputs are dropped
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["amp"]):
+            outputs = predictor(levels, mask_features)
+            return criterion(outputs, targets, image_info, iteration=10 ** 6, teacher_outputs=teacher_outputs)
+
     def step():
         for t in levels + [mask_features]:
             t.grad = None
         predictor.zero_grad(set_to_none=True)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case["amp"]):
-            outputs = predictor(levels, mask_features)
-            losses = criterion(outputs, targets, image_info, iteration=10 ** 6, teacher_outputs=teacher_outputs)
-        loss = sum(losses.values())
+        loss = sum(forward().values())
         loss.backward()
         return float(loss)
 
