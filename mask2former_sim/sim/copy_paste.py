@@ -40,6 +40,7 @@ __all__ = [
     "pixel_boxes",
     "paste_masks_and_scores",
     "make_entry",
+    "make_entries",
     "entry_instance",
     "entry_canvas",
     "MemoryBank",
@@ -100,57 +101,78 @@ def paste_masks_and_scores(
     return mask, score
 
 
-def make_entry(
-    image: Tensor,
-    valid: Tensor,
-    boxes: Tensor,
-    classes: Tensor,
-    instance_maps: Tensor,
+def make_entries(
+    images: Sequence[Tensor],
+    valids: Sequence[Tensor],
+    boxes: Sequence[Tensor],
+    classes: Sequence[Tensor],
+    instance_maps: Sequence[Tensor],
     stride: int,
     thresh: float,
-) -> Optional[Dict[str, Tensor]]:
-    """A bank entry from one training image (CPU tensors), or None when no GT has a paste mask.
+) -> List[Optional[Dict[str, Tensor]]]:
+    """Bank entries (CPU tensors) of the images of one batch: per image an entry, or None when
+    none of its GTs has a paste mask.
 
-    image (3, H, W) RGB 0..255; valid (H, W) bool; boxes (n, 4) XYXY pixels; classes (n,);
-    instance_maps (n, h, w) the teacher's T_g on the loss grid of ``stride``. The box crops
-    (pixels and M_g as a fourth channel, uint8) and the scores reach the host in two
-    transfers per image; the masked pixels are selected there (no per-GT device sync).
+    Per image: image (3, H, W) RGB 0..255 (one canvas size for all), valid (H, W) bool, boxes
+    (n, 4) XYXY pixels, classes (n,), instance_maps (n, h, w) the teacher's T_g on the loss
+    grid of ``stride``. Three transfers to the host for the whole batch, whatever it holds:
+    the pixel boxes with the classes, the box crops (RGB and M_g as a fourth channel, uint8)
+    and the scores; the masked pixels are selected on the host (no per-GT device sync).
     """
-    hw = tuple(image.shape[-2:])
-    pboxes = pixel_boxes(boxes.float(), hw).cpu().tolist()  # crop bounds on the host
+    if not images:
+        return []
+    hw = tuple(images[0].shape[-2:])
+    counts = [len(c) for c in classes]
+    if not sum(counts):
+        return [None] * len(images)
+    all_boxes = torch.cat([b.float() for b in boxes])
+    meta = torch.cat([pixel_boxes(all_boxes, hw), torch.cat(list(classes)).to(torch.int64)[:, None]], dim=1)
+    meta = meta.cpu().tolist()  # (G, 5): crop bounds and class, on the host
+    owner = [b for b, n in enumerate(counts) for _ in range(n)]
+    local = [i for n in counts for i in range(n)]
     index, crops, scores = [], [], []
-    for i, (x0, y0, x1, y1) in enumerate(pboxes):
+    for g, (x0, y0, x1, y1, _) in enumerate(meta):
         if x1 <= x0 or y1 <= y0:
             continue
-        mask, score = paste_masks_and_scores(instance_maps[i], (x0, y0, x1, y1), stride, thresh, valid[y0:y1, x0:x1])
-        pix = image[:, y0:y1, x0:x1].round().clamp(0, 255).to(torch.uint8)
+        b = owner[g]
+        mask, score = paste_masks_and_scores(instance_maps[b][local[g]], (x0, y0, x1, y1), stride, thresh,
+                                             valids[b][y0:y1, x0:x1])
+        pix = images[b][:, y0:y1, x0:x1].round().clamp(0, 255).to(torch.uint8)
         crops.append(torch.cat([pix, mask[None].to(torch.uint8)]).flatten(1))
         scores.append(score)
-        index.append(i)
-    if not index:
-        return None
-    flat = torch.cat(crops, dim=1).cpu()
-    scores_h = torch.stack(scores).float().cpu()
-    parts = flat.split([(pboxes[i][2] - pboxes[i][0]) * (pboxes[i][3] - pboxes[i][1]) for i in index], dim=1)
-    keep, masks, pixels = [], [], []
-    for j, part in enumerate(parts):
-        m = part[3] > 0
-        if m.any():
-            keep.append(j)
-            masks.append(pack_bits(m))
-            pixels.append(part[:3, m])
-    if not keep:
-        return None
-    return {
-        "boxes": torch.tensor([pboxes[index[j]] for j in keep], dtype=torch.int32),
-        "classes": classes.detach().cpu().to(torch.int64)[torch.tensor([index[j] for j in keep])],
-        "scores": scores_h[keep].contiguous(),
-        "masks": torch.cat(masks),
-        "mask_sizes": torch.tensor([m.numel() for m in masks], dtype=torch.int64),
-        "pixels": torch.cat(pixels, dim=1).contiguous(),
-        "pixel_counts": torch.tensor([p.shape[1] for p in pixels], dtype=torch.int64),
-        "canvas": torch.tensor(hw, dtype=torch.int32),
-    }
+        index.append(g)
+    per_image: List[List[Tuple[int, Tensor, Tensor, float]]] = [[] for _ in images]
+    if index:
+        flat = torch.cat(crops, dim=1).cpu()
+        scores_h = torch.stack(scores).float().cpu().tolist()
+        sizes = [(meta[g][2] - meta[g][0]) * (meta[g][3] - meta[g][1]) for g in index]
+        for g, part, score in zip(index, flat.split(sizes, dim=1), scores_h):
+            m = part[3] > 0
+            if m.any():
+                per_image[owner[g]].append((g, m, part[:3, m], score))
+    entries: List[Optional[Dict[str, Tensor]]] = []
+    for kept in per_image:
+        if not kept:
+            entries.append(None)
+            continue
+        masks = [pack_bits(m) for _, m, _, _ in kept]
+        entries.append({
+            "boxes": torch.tensor([meta[g][:4] for g, _, _, _ in kept], dtype=torch.int32),
+            "classes": torch.tensor([meta[g][4] for g, _, _, _ in kept], dtype=torch.int64),
+            "scores": torch.tensor([sc for _, _, _, sc in kept], dtype=torch.float32),
+            "masks": torch.cat(masks),
+            "mask_sizes": torch.tensor([m.numel() for m in masks], dtype=torch.int64),
+            "pixels": torch.cat([p for _, _, p, _ in kept], dim=1).contiguous(),
+            "pixel_counts": torch.tensor([p.shape[1] for _, _, p, _ in kept], dtype=torch.int64),
+            "canvas": torch.tensor(hw, dtype=torch.int32),
+        })
+    return entries
+
+
+def make_entry(image: Tensor, valid: Tensor, boxes: Tensor, classes: Tensor, instance_maps: Tensor,
+               stride: int, thresh: float) -> Optional[Dict[str, Tensor]]:
+    """The bank entry of one training image (``make_entries`` of a batch of one)."""
+    return make_entries([image], [valid], [boxes], [classes], [instance_maps], stride, thresh)[0]
 
 
 def entry_canvas(entry: Dict[str, Tensor], i: int) -> Tuple[List[int], Tensor, Tensor]:
@@ -441,16 +463,20 @@ class CopyPaste(nn.Module):
         instance_maps (G, h, w): the teacher's T_g of the batch's GTs in target order (the
         criterion's GT order: all GTs of image 0, then image 1, ...).
         """
+        images, valids, boxes, classes, maps = [], [], [], [], []
         offset = 0
         for b, t in enumerate(targets):
             n = len(t["labels"])
             n_orig = n - int(t.get("num_pasted", 0))
-            if n_orig > 0:
-                entry = make_entry(raw[b], valid[b], t["boxes"][:n_orig], t["labels"][:n_orig],
-                                   instance_maps[offset:offset + n_orig], stride, self.mask_thresh)
-                if entry is not None:
-                    self.bank.push(entry)
+            images.append(raw[b])
+            valids.append(valid[b])
+            boxes.append(t["boxes"][:n_orig])
+            classes.append(t["labels"][:n_orig])
+            maps.append(instance_maps[offset:offset + n_orig])
             offset += n
+        for entry in make_entries(images, valids, boxes, classes, maps, stride, self.mask_thresh):
+            if entry is not None:
+                self.bank.push(entry)
         self.last_stats = dict(self.last_stats, bank_entries=float(len(self.bank)), bank_mib=self.bank.nbytes() / 2 ** 20)
 
 
