@@ -100,9 +100,9 @@ def read_metrics(path):
 
 
 @pytest.fixture(scope="module")
-def work(tmp_path_factory):
+def work(module_tmp):
     """Synthetic data, cache and outputs of this module's commands."""
-    base = tmp_path_factory.mktemp("cli")
+    base = module_tmp
     return {"data": base / "data", "cache": base / "cache", "base": base}
 
 
@@ -374,7 +374,7 @@ def test_train_net_trains_and_writes_its_outputs(trained):
 
 
 @pytest.mark.slow
-def test_resume_continues_from_last_checkpoint(trained, work):
+def test_resume_continues_from_last_checkpoint(trained, work, drop_run):
     out = work["base"] / "resumed"
     shutil.copytree(trained["out"], out)
     before = len(read_metrics(out / "metrics.json"))
@@ -391,6 +391,7 @@ def test_resume_continues_from_last_checkpoint(trained, work):
     saved = re.findall(r"Saving checkpoint to \S*?(model_\w+\.pth)", log)
     assert saved == ["model_0000003.pth", "model_final.pth"], saved
     assert torch.load(out / "model_final.pth", map_location="cpu", weights_only=True)["iteration"] == 3
+    drop_run(out)
 
 
 @pytest.mark.slow
@@ -513,7 +514,7 @@ def box_seed(run_dir):
 
 
 @pytest.mark.slow
-def test_benchmark_synthetic_seeds_give_mean_and_std(work):
+def test_benchmark_synthetic_seeds_give_mean_and_std(work, drop_run):
     out = work["base"] / "bench"
     rc, log = run(["tools/benchmark_synthetic.py", "--configs", SYNTH_CFG, "--out", str(out), "--seeds", "0", "1",
                    "--opts"] + tiny(work["data"], **{"SOLVER.MAX_ITER": 2}), work["cache"], timeout=600)
@@ -526,10 +527,11 @@ def test_benchmark_synthetic_seeds_give_mean_and_std(work):
     mean, std = sum(aps) / 2, abs(aps[0] - aps[1]) / 2 ** 0.5
     assert f"| {mean:.1f} ± {std:.1f} |" in row, row
     assert f"0: {aps[0]:.1f}, 1: {aps[1]:.1f}" in row, row
+    drop_run(out)
 
 
 @pytest.mark.slow
-def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work):
+def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work, drop_run):
     out = work["base"] / "simbench"
     extra = tiny(work["data"], **{"SOLVER.MAX_ITER": 3, "MODEL.SIM.WARMUP_ITERS": 2, "DATALOADER.NUM_WORKERS": 0})
     env = dict(os.environ, OMP_NUM_THREADS="1", MASK2FORMER_SIM_CACHE=str(work["cache"]), PYTHON=sys.executable,
@@ -543,6 +545,11 @@ def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work):
         log = (out / "seed0" / f"{row}.log").read_text()
         assert "Starting training from iteration 2" in log, log[-3000:]
     assert "`MODEL.SIM.MODULATION`" in text and "`MODEL.SIM.IOU_GAMMA`" in text and "`MODEL.SIM.ENABLED`" in text
+    # every row starts from a hard link of the warm-up checkpoint: the rows' own saves (temporary
+    # file renamed over the name) left the warm-up's file as it was
+    warm = torch.load(out / "seed0" / "warmup" / "model_final.pth", map_location="cpu", weights_only=True)
+    assert warm["iteration"] == 1, warm["iteration"]
+    drop_run(out)
 
 
 @pytest.mark.slow
@@ -580,7 +587,7 @@ def test_demo_writes_overlays(trained, work):
 
 
 @pytest.mark.slow
-def test_demo_job_runs_at_tiny_size(work):
+def test_demo_job_runs_at_tiny_size(work, drop_run):
     """``make demo``'s command (SIM) with KEY VALUE overrides: summary, overlays, AP, pseudo-mask
     quality and panels; the pseudo-mask loss is on from the second step."""
     out = work["base"] / "demo_job"
@@ -605,6 +612,7 @@ def test_demo_job_runs_at_tiny_size(work):
     assert len(summary["overlays"]) == 2
     assert all(os.path.isfile(p) and os.path.dirname(p) == str(out / "overlays") for p in summary["overlays"])
     assert os.path.isfile(out / "model_final.pth") and os.path.isfile(out / "metrics.json")
+    drop_run(out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -723,7 +731,7 @@ def test_compare_predictions_writes_side_by_side_pngs_and_names_a_bad_run(traine
 
 
 @pytest.mark.slow
-def test_copy_paste_trains_from_train_net_and_visualize_copy_paste_draws_it(work, tmp_path):
+def test_copy_paste_trains_from_train_net_and_visualize_copy_paste_draws_it(work, tmp_path, drop_run):
     """train_net.py with the copy-paste SIM config (every image receives a paste once the bank holds
     an entry; threshold 0.3 so that an untrained teacher's maps fill it): the copy-paste loss and
     the bank's size reach metrics.json; then tools/visualize_copy_paste.py on its checkpoint
@@ -762,6 +770,7 @@ def test_copy_paste_trains_from_train_net_and_visualize_copy_paste_draws_it(work
     rc, log = run(common + ["--weights", MISSING_WEIGHTS], work["cache"])
     assert rc != 0 and MISSING_WEIGHTS in log and "--weights" in log, log[-2000:]
     assert "Traceback" not in log, log[-2000:]
+    drop_run(out)
 
 
 @pytest.mark.slow

@@ -173,7 +173,7 @@ def test_help_exits_cleanly(capsys):
 
 
 @pytest.fixture(scope="module")
-def swin_src(tmp_path_factory):
+def swin_src(module_tmp):
     """Random timm Swin-T (classifier), its state dict saved to disk, and an official-layout copy."""
     torch.manual_seed(0)
     ref = timm.create_model(SWIN_T, pretrained=False, dynamic_img_size=True, always_partition=True).eval()
@@ -181,7 +181,7 @@ def swin_src(tmp_path_factory):
         for n, p in ref.named_parameters():
             if "norm" in n or "relative_position_bias_table" in n or n.endswith("bias"):
                 p.add_(torch.randn_like(p) * 0.1)
-    d = tmp_path_factory.mktemp("swin")
+    d = module_tmp
     sd = ref.state_dict()
     timm_path = str(d / "swin_t_timm.pth")
     torch.save(sd, timm_path)

@@ -135,8 +135,8 @@ def compare(a, b, path="checkpoint"):
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory):
-    base = tmp_path_factory.mktemp("kill_resume")
+def shared(module_tmp):
+    base = module_tmp
     return {"data": base / "data", "cache": base / "cache"}
 
 

@@ -205,11 +205,11 @@ def _assert_same(before, after):
 
 
 @pytest.fixture(scope="module")
-def sim_run(tmp_path_factory):
+def sim_run(module_tmp):
     """A tiny SIM training of 2 iterations with the pseudo-mask hook (period 1), its checkpoint."""
     from mask2former_sim.engine.trainer import Trainer
 
-    root = tmp_path_factory.mktemp("sim")
+    root = module_tmp
     opts = tiny_opts(root / "data", root / "out", **{
         "SOLVER.MAX_ITER": 2, "MODEL.SIM.WARMUP_ITERS": 1, "DATASETS.TEST": "()", "SOLVER.BASE_LR": 0.0005,
     })

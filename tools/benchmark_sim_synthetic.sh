@@ -39,7 +39,10 @@ train() {  # dir, then KEY VALUE ...
 continue_from() {  # warm-up dir, row dir, then KEY VALUE ...
   local src="$1" dir="$2"; shift 2
   rm -rf "$dir"; mkdir -p "$dir"
-  cp "$src/model_final.pth" "$dir/"; printf model_final.pth > "$dir/last_checkpoint"
+  # a hard link, not a copy (one warm-up checkpoint instead of one per row on disk): the trainer
+  # never writes into an existing checkpoint, it writes a temporary file and renames it over the name
+  ln "$src/model_final.pth" "$dir/model_final.pth" 2>/dev/null || cp "$src/model_final.pth" "$dir/"
+  printf model_final.pth > "$dir/last_checkpoint"
   local start; start=$(date +%s)
   "$PY" train_net.py --config-file "$CONFIG" --resume MODEL.DEVICE cpu OUTPUT_DIR "$dir" ${EXTRA[@]+"${EXTRA[@]}"} "$@" \
     > "$dir.log" 2>&1 \
