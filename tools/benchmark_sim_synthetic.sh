@@ -39,8 +39,9 @@ train() {  # dir, then KEY VALUE ...
 continue_from() {  # warm-up dir, row dir, then KEY VALUE ...
   local src="$1" dir="$2"; shift 2
   rm -rf "$dir"; mkdir -p "$dir"
-  # a hard link, not a copy (one warm-up checkpoint instead of one per row on disk): the trainer
-  # never writes into an existing checkpoint, it writes a temporary file and renames it over the name
+  # a hard link, not a copy (no second copy of the warm-up checkpoint while the row trains; the row's
+  # own saves then replace the name): the trainer never writes into an existing checkpoint, it writes
+  # a temporary file and renames it over the name, so the warm-up's file stays as it was
   ln "$src/model_final.pth" "$dir/model_final.pth" 2>/dev/null || cp "$src/model_final.pth" "$dir/"
   printf model_final.pth > "$dir/last_checkpoint"
   local start; start=$(date +%s)
