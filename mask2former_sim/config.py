@@ -142,6 +142,9 @@ def add_sim_config(cfg):
     # prototypes (Eq.1-5)
     sim.NUM_PROTOTYPES = 10
     sim.PROTO_TEMPERATURE = 1.0
+    # not in the paper: subtract each image's mean teacher feature (valid cells) before the
+    # cosine of Eq.1 and the prototype update, then renormalise (sim/prototypes.center_features)
+    sim.CENTER_FEATURES = False
     sim.PROTO_MOMENTUM = 0.999
     sim.PROTO_PIXEL_THRESH = 0.7
     sim.SINKHORN_EPS = 0.05

@@ -225,3 +225,28 @@ def test_prototypes_move_every_step_also_before_the_warmup():
     present = sorted({int(c) for t in targets for c in t["labels"]})
     moved = (before - after).abs().amax(dim=(1, 2)) > 0
     assert [c for c in range(K) if moved[c]] == present
+
+
+def test_centred_features_feed_the_semantic_maps_and_the_prototype_update():
+    """MODEL.SIM.CENTER_FEATURES: S (Eq.1) and the Eq.2-5 update read the teacher features minus
+    each image's mean over its valid cells; off, they read the plain normalised features."""
+    from mask2former_sim.sim.prototypes import center_features, normalize_features, semantic_maps
+
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    teacher["mask_features"] = teacher["mask_features"] + 4.0  # a component every pixel shares
+    results = {}
+    for centred in (False, True):
+        crit = sim_criterion(warmup=0, center_features=centred)
+        protos = crit.pseudo_labeler.memory.prototypes.clone()
+        crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+        prepared = crit.prepare(outputs, targets, info, 0)
+        feats = normalize_features(teacher["mask_features"])
+        assert tuple(feats.shape[-2:]) == tuple(prepared.box_masks.shape[-2:])
+        if centred:
+            feats = center_features(feats, prepared.valid_grid)
+        expected = semantic_maps(feats, protos, prepared.batch_idx, prepared.labels, temperature=1.0)
+        torch.testing.assert_close(crit.last_pseudo.semantic, expected, rtol=0, atol=1e-6)
+        results[centred] = (crit.last_pseudo.semantic, crit.pseudo_labeler.memory.prototypes.clone())
+    assert not torch.allclose(results[False][0], results[True][0], atol=1e-3)
+    assert not torch.allclose(results[False][1], results[True][1], atol=1e-4)

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mask2former_sim.sim.prototypes import (
     PrototypeMemory,
+    center_features,
     normalize_features,
     semantic_maps,
     sinkhorn,
@@ -140,6 +141,40 @@ def test_normalize_features_unit_norm_fp32():
     y = normalize_features(x)
     assert y.dtype == torch.float32
     torch.testing.assert_close(y.norm(dim=1), torch.ones(2, 3, 3))
+
+
+def test_center_features_removes_the_image_mean_over_valid_cells():
+    """MODEL.SIM.CENTER_FEATURES: unit rows again; a vector shared by every valid cell of one image is
+    gone (cosines against any prototype unchanged); padding cells do not enter the mean; an image
+    with no valid cell keeps its features."""
+    g = torch.Generator().manual_seed(9)
+    b, d, h, w = 3, 6, 4, 5
+    raw = torch.randn(b, d, h, w, generator=g)
+    valid = torch.ones(b, h, w, dtype=torch.bool)
+    valid[1, :, 3:] = False  # image 1: right two columns are padding
+    valid[2] = False  # image 2: nothing valid
+    out = center_features(raw, valid)
+    assert out.shape == raw.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(b, h, w))
+    for i in range(2):
+        cells = raw[i][:, valid[i]]  # (D, N)
+        ref = F.normalize(raw[i] - cells.mean(dim=1)[:, None, None], dim=0)
+        torch.testing.assert_close(out[i], ref, rtol=0, atol=1e-6)
+    torch.testing.assert_close(out[2], F.normalize(raw[2], dim=0), rtol=0, atol=1e-6)
+    # a shared offset on the valid cells of image 0 (padding of image 1 changed freely) changes nothing
+    shifted = raw.clone()
+    shifted[0] += 5 * torch.randn(d, generator=g)[:, None, None]
+    shifted[1][:, ~valid[1]] = 100.0
+    moved = center_features(shifted, valid)
+    assert not torch.allclose(normalize_features(shifted)[0], normalize_features(raw)[0], atol=1e-2)
+    torch.testing.assert_close(moved[0], out[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(moved[1][:, valid[1]], out[1][:, valid[1]], rtol=0, atol=1e-5)
+    # None: every cell is valid
+    torch.testing.assert_close(center_features(raw), center_features(raw, torch.ones(b, h, w, dtype=torch.bool)))
+    with pytest.raises(ValueError, match="does not match"):
+        center_features(raw, valid[:, :3])
+    with pytest.raises(ValueError, match="expects"):
+        center_features(raw[0])
 
 
 # ---------------------------------------------------------------------------- memory

@@ -7,7 +7,7 @@
 
 These import only torch; the criterion, meta-architecture and trainer wire them.
 """
-from .prototypes import PrototypeMemory, normalize_features, semantic_maps, sinkhorn
+from .prototypes import PrototypeMemory, center_features, normalize_features, semantic_maps, sinkhorn
 from .pseudo_masks import (
     adaptive_high_thresh,
     instance_maps,
@@ -24,6 +24,7 @@ __all__ = [
     "EMATeacher",
     "PrototypeMemory",
     "normalize_features",
+    "center_features",
     "semantic_maps",
     "sinkhorn",
     "adaptive_high_thresh",

@@ -38,7 +38,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["sinkhorn", "semantic_maps", "normalize_features", "PrototypeMemory"]
+__all__ = ["sinkhorn", "semantic_maps", "normalize_features", "center_features", "PrototypeMemory"]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -48,6 +48,30 @@ def normalize_features(mask_features: Tensor) -> Tensor:
     if mask_features.ndim != 4:
         raise ValueError(f"normalize_features expects (B, D, H, W), got {tuple(mask_features.shape)}")
     return F.normalize(mask_features.float(), p=2.0, dim=1)
+
+
+def center_features(features: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """f̂ (B, D, H, W) -> f̂ minus its image's mean over the valid cells, L2-normalised again.
+
+    Not in the paper (MODEL.SIM.CENTER_FEATURES, off by default): a component shared by every
+    pixel of an image makes cos(f̂, p) high everywhere and the semantic map flat
+    (docs/BENCHMARKS.md, "Why"); removing the image mean keeps only what differs between its
+    pixels. ``valid`` (B, H, W) bool excludes padding from the mean (None: every cell); an image
+    without a valid cell keeps its features (mean 0).
+    """
+    if features.ndim != 4:
+        raise ValueError(f"center_features expects (B, D, H, W), got {tuple(features.shape)}")
+    features = features.float()
+    if valid is None:
+        mean = features.mean(dim=(2, 3), keepdim=True)
+    else:
+        if valid.shape != (features.shape[0], *features.shape[2:]):
+            raise ValueError(
+                f"center_features: valid {tuple(valid.shape)} does not match features {tuple(features.shape)}"
+            )
+        w = valid[:, None].to(features.dtype)
+        mean = (features * w).sum(dim=(2, 3), keepdim=True) / w.sum(dim=(2, 3), keepdim=True).clamp_min(1.0)
+    return F.normalize(features - mean, p=2.0, dim=1)
 
 
 def sinkhorn(scores: Tensor, group: Tensor, num_groups: int, eps: float = 0.05, iters: int = 3) -> Tensor:

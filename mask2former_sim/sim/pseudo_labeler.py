@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .prototypes import PrototypeMemory, normalize_features
+from .prototypes import PrototypeMemory, center_features, normalize_features
 from .pseudo_masks import (
     adaptive_high_thresh,
     instance_maps,
@@ -68,6 +68,7 @@ class SIMPseudoLabeler(nn.Module):
         feature_dim: int,
         num_prototypes: int = 10,
         proto_temperature: float = 1.0,
+        center_features: bool = False,
         proto_momentum: float = 0.999,
         proto_pixel_thresh: float = 0.7,
         sinkhorn_eps: float = 0.05,
@@ -106,6 +107,7 @@ class SIMPseudoLabeler(nn.Module):
             num_classes, num_prototypes, feature_dim, proto_momentum, sinkhorn_eps, sinkhorn_iters, seed
         )
         self.proto_temperature = float(proto_temperature)
+        self.center_features = bool(center_features)
         self.proto_pixel_thresh = float(proto_pixel_thresh)
         self.iou_gamma = float(iou_gamma)
         self.num_extra_positives = int(num_extra_positives)
@@ -125,6 +127,7 @@ class SIMPseudoLabeler(nn.Module):
             feature_dim=cfg.MODEL.SEM_SEG_HEAD.MASK_DIM,
             num_prototypes=sim.NUM_PROTOTYPES,
             proto_temperature=sim.PROTO_TEMPERATURE,
+            center_features=sim.CENTER_FEATURES,
             proto_momentum=sim.PROTO_MOMENTUM,
             proto_pixel_thresh=sim.PROTO_PIXEL_THRESH,
             sinkhorn_eps=sim.SINKHORN_EPS,
@@ -146,6 +149,7 @@ class SIMPseudoLabeler(nn.Module):
             f"gamma={self.iou_gamma}, beta={self.modulation}, tau_l={self.low_thresh}, tau_h={self.high_thresh}"
             f"{' (adaptive ' + str(self.adaptive_high_range) + ')' if self.adaptive_high_thresh else ''}, "
             f"extra_positives={self.num_extra_positives}, warmup={self.warmup_iters}"
+            f"{', centred features' if self.center_features else ''}"
         )
 
     def active(self, iteration: int) -> bool:
@@ -227,6 +231,8 @@ class SIMPseudoLabeler(nn.Module):
         feats = normalize_features(teacher_mask_features.float())
         if tuple(feats.shape[-2:]) != grid_hw:  # loss grid finer than the feature grid
             feats = normalize_features(F.interpolate(feats, size=grid_hw, mode="bilinear", align_corners=False))
+        if self.center_features:  # the same f̂ feeds S (Eq.1) and the prototype update (Eq.2-5)
+            feats = center_features(feats, prepared.valid_grid)
 
         probs, valid, queries = self._positives(
             teacher_levels, batch_idx, labels, prepared.boxes, match.query_of_gt, stride, to_loss_grid
