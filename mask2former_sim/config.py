@@ -145,6 +145,9 @@ def add_sim_config(cfg):
     # not in the paper: subtract each image's mean teacher feature (valid cells) before the
     # cosine of Eq.1 and the prototype update, then renormalise (sim/prototypes.center_features)
     sim.CENTER_FEATURES = False
+    # not in the paper: one more prototype row for the background, updated (Eq.2-5) with each
+    # image's cells outside every GT box; S_g = sigmoid((max_k cos(f, P_c) - max_k cos(f, P_bg)) / tau_s)
+    sim.BACKGROUND_PROTOTYPES = False
     sim.PROTO_MOMENTUM = 0.999
     sim.PROTO_PIXEL_THRESH = 0.7
     sim.SINKHORN_EPS = 0.05

@@ -139,3 +139,18 @@ def test_nonfinite_loss_message_names_terms_outputs_iteration_and_resume_point()
     assert "loss_pseudo_bce = inf at the final decoder output" in msg
     assert "loss_ce" not in msg and "loss_pairwise" not in msg
     assert "no checkpoint was written yet" in nonfinite_loss_message(losses, 1)
+
+
+def test_resume_refuses_a_checkpoint_whose_shapes_do_not_fit_the_model(tmp_path):
+    """--resume continues the same run: a tensor of another shape (a changed config) is an error
+    naming the key, not detectron2's logged skip that keeps the fresh tensor."""
+    ck, model, counter = _checkpointer(tmp_path, value=3)
+    ck.save("model_0000004", iteration=4)
+    torch.manual_seed(1)
+    other = nn.Linear(3, 4)  # weight (4, 3) instead of (2, 3)
+    ck2 = AtomicCheckpointer(other, str(tmp_path), counter=_Counter())
+    with pytest.raises(ValueError, match=r"weight: \(2, 3\) in the checkpoint, \(4, 3\) in the model"):
+        ck2.resume_or_load("", resume=True)
+    # the same file as plain weights (no --resume): detectron2's skip-and-log
+    ck3 = AtomicCheckpointer(nn.Linear(3, 4), str(tmp_path / "elsewhere"), counter=_Counter())
+    ck3.resume_or_load(str(tmp_path / "model_0000004.pth"), resume=False)

@@ -250,3 +250,61 @@ def test_centred_features_feed_the_semantic_maps_and_the_prototype_update():
         results[centred] = (crit.last_pseudo.semantic, crit.pseudo_labeler.memory.prototypes.clone())
     assert not torch.allclose(results[False][0], results[True][0], atol=1e-3)
     assert not torch.allclose(results[False][1], results[True][1], atol=1e-4)
+
+
+def test_background_prototypes_contrast_the_semantic_map_and_learn_from_outside_the_boxes():
+    """MODEL.SIM.BACKGROUND_PROTOTYPES: the memory has a row C for the background; S_g is
+    sigmoid((class cosine - background cosine) / tau_s); the background row is updated (Eq.2-5,
+    one group per image) from the valid cells outside every GT box of the image, the class rows
+    exactly as without it."""
+    from mask2former_sim.sim.prototypes import PrototypeMemory, background_cells, normalize_features, semantic_scores
+
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    plain = sim_criterion(warmup=0)
+    crit = sim_criterion(warmup=0, background_prototypes=True, proto_temperature=0.5)
+    memory = crit.pseudo_labeler.memory
+    assert memory.prototypes.shape[0] == K + 1
+    plain.pseudo_labeler.memory.prototypes.copy_(memory.prototypes[:K])
+    before = memory.prototypes.clone()
+    crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    plain(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    prepared = crit.prepare(outputs, targets, info, 0)
+    feats = normalize_features(teacher["mask_features"])
+    bi, labels = prepared.batch_idx, prepared.labels
+    expected = torch.sigmoid(
+        (semantic_scores(feats, before, bi, labels) - semantic_scores(feats, before, bi, torch.full_like(labels, K))) / 0.5
+    )
+    torch.testing.assert_close(crit.last_pseudo.semantic, expected, rtol=0, atol=1e-6)
+    # class rows: as without background prototypes; background row: its own update
+    torch.testing.assert_close(memory.prototypes[:K], plain.pseudo_labeler.memory.prototypes, rtol=0, atol=1e-6)
+    cells = background_cells(prepared.box_masks, bi, 2, prepared.valid_grid)
+    assert cells.any() and not cells.all()
+    ref = PrototypeMemory(K + 1, 2, 8, momentum=0.9)
+    ref.prototypes.copy_(before)
+    ref.update(feats, cells, torch.arange(2), torch.full((2,), K), [1, 1])
+    assert not torch.equal(before[K], memory.prototypes[K])
+    torch.testing.assert_close(memory.prototypes[K], ref.prototypes[K], rtol=0, atol=1e-6)
+    assert int(crit.last_pseudo.stats["bg_pixels"]) == int(cells.sum())
+
+
+def test_background_cells_are_valid_cells_outside_every_box_of_their_image():
+    from mask2former_sim.sim.prototypes import background_cells
+
+    boxes = torch.zeros(3, 4, 5)
+    boxes[0, :2, :2] = 1  # image 0
+    boxes[1, 1:3, 3:] = 1  # image 0
+    boxes[2, :, :] = 1  # image 2: the whole image
+    valid = torch.ones(3, 4, 5, dtype=torch.bool)
+    valid[0, :, 4] = False
+    out = background_cells(boxes, torch.tensor([0, 0, 2]), 3, valid)
+    expect0 = torch.ones(4, 5, dtype=torch.bool)
+    expect0[:2, :2] = False
+    expect0[1:3, 3:] = False
+    expect0[:, 4] = False
+    assert torch.equal(out[0], expect0)
+    assert out[1].all()  # image 1 has no GT: all background
+    assert not out[2].any()
+    assert torch.equal(background_cells(boxes, torch.tensor([0, 0, 2]), 3)[1], torch.ones(4, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="valid"):
+        background_cells(boxes, torch.tensor([0, 0, 2]), 3, valid[:2])

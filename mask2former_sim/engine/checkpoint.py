@@ -15,6 +15,10 @@ the file that was complete). Here:
 * ``--resume`` loads the checkpoint named by ``last_checkpoint``; when that file is missing,
   truncated or unreadable it is reported by name and the newest readable checkpoint of the
   directory is used instead (logged), or the run stops with an error listing what was tried.
+* ``--resume`` continues the same run, so a tensor whose shape differs between the checkpoint
+  and the model (e.g. MODEL.SIM.NUM_PROTOTYPES or BACKGROUND_PROTOTYPES changed) is an error
+  naming the keys; detectron2 would log it and keep the model's fresh tensor. Loading weights
+  without ``--resume`` (MODEL.WEIGHTS, fine-tuning) keeps detectron2's skip-and-log.
 """
 from __future__ import annotations
 
@@ -141,6 +145,17 @@ class AtomicCheckpointer(DetectionCheckpointer):
 
         return sorted(files, key=key, reverse=True)
 
+    def _load_model(self, checkpoint: Any):
+        incompatible = super()._load_model(checkpoint)
+        if getattr(self, "_resuming", False) and incompatible is not None and incompatible.incorrect_shapes:
+            shapes = "; ".join(f"{k}: {tuple(a)} in the checkpoint, {tuple(b)} in the model"
+                               for k, a, b in incompatible.incorrect_shapes)
+            raise ValueError(
+                f"--resume: the checkpoint does not fit this config's model ({shapes}). Resume with the "
+                "config it was trained with, or load it as MODEL.WEIGHTS without --resume"
+            )
+        return incompatible
+
     def resume_or_load(self, path: str, *, resume: bool = True) -> Dict[str, Any]:
         if not (resume and self.has_checkpoint()):
             return super().resume_or_load(path, resume=resume)
@@ -152,7 +167,11 @@ class AtomicCheckpointer(DetectionCheckpointer):
                 if tried:
                     logger.warning("Resuming from %s, the newest readable checkpoint (skipped: %s)",
                                    candidate, "; ".join(tried))
-                return self.load(candidate)
+                self._resuming = True
+                try:
+                    return self.load(candidate)
+                finally:
+                    self._resuming = False
             tried.append(f"{candidate}: {reason}")
             logger.error("Cannot resume from %s: %s", candidate, reason)
         raise RuntimeError(

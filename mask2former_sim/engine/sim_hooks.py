@@ -27,7 +27,8 @@ class TeacherEMAHook(HookBase):
     """teacher <- m * teacher + (1 - m) * student after every optimizer step (METHOD.md §2); every
     ``period`` steps (the writer's) also the pseudo labeler's statistics of the step into the
     EventStorage: ``sim/pseudo_pos_fraction``, ``sim/pseudo_neg_fraction`` (in-box cells pushed up /
-    down) and ``sim/proto_pixels`` (pixels of the prototype update, all processes); with copy-paste
+    down) and ``sim/proto_pixels`` (pixels of the prototype update, all processes; with
+    MODEL.SIM.BACKGROUND_PROTOTYPES also ``sim/proto_bg_pixels``); with copy-paste
     ``sim/bank_entries``, ``sim/bank_mib``, ``sim/pasted_instances``, ``sim/dropped_originals``."""
 
     def __init__(self, period: int = 20):
@@ -41,7 +42,7 @@ class TeacherEMAHook(HookBase):
             pseudo = getattr(model.criterion, "last_pseudo", None)
             stats = getattr(pseudo, "stats", None) or {}
             names = {"pseudo_pos_fraction": "sim/pseudo_pos_fraction", "pseudo_neg_fraction": "sim/pseudo_neg_fraction",
-                     "num_pixels": "sim/proto_pixels"}
+                     "num_pixels": "sim/proto_pixels", "bg_pixels": "sim/proto_bg_pixels"}
             values = {names[k]: float(v) for k, v in stats.items() if k in names}
             copy_paste = getattr(model, "copy_paste", None)
             if copy_paste is not None:  # bank size and memory, instances pasted / originals dropped this step

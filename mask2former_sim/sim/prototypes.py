@@ -24,6 +24,11 @@ with the per-(c, k) sums Σ f̂ and counts n_{c,k} summed over the images of thi
 and then over all processes in ONE packed all-reduce, issued on every call by every rank
 (zeros where a rank has no pixels), so all ranks hold identical prototypes and none hangs.
 
+Not in the paper (both off by default, docs/BENCHMARKS.md): ``center_features``
+(MODEL.SIM.CENTER_FEATURES) subtracts each image's mean f̂ before Eq.1 and Eq.2-5;
+``background_cells`` is the pixel set of a background row P_bg (MODEL.SIM.BACKGROUND_PROTOTYPES,
+wired by the pseudo labeler): the cells outside every GT box, which boxes alone label.
+
 Shapes: features (B, D, H, W); pixel masks (G, H, W) bool; batch_idx, classes (G,) long;
 prototypes (C, K, D). Nothing loops over GTs, classes or pixels; the only Python loops
 are over the B images of the batch and the Sinkhorn iterations; nothing syncs with the
@@ -38,7 +43,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["sinkhorn", "semantic_maps", "normalize_features", "center_features", "PrototypeMemory"]
+__all__ = [
+    "sinkhorn", "semantic_scores", "semantic_maps", "background_cells", "normalize_features", "center_features",
+    "PrototypeMemory",
+]
 
 _TINY = torch.finfo(torch.float32).tiny
 
@@ -169,15 +177,13 @@ def _gt_scores(flat: Tensor, protos_of_gt: Tensor, batch_idx: Tensor, max_over_k
     return out
 
 
-def semantic_maps(features: Tensor, prototypes: Tensor, batch_idx: Tensor, classes: Tensor,
-                  temperature: float = 1.0, gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
-    """Eq.1 for the GTs only: features (B, D, H, W) L2-normalised per pixel (f-hat), prototypes (C, K, D)
-    unit rows; GT g of image batch_idx[g] and class classes[g] -> S_g(u) = max_k sigmoid(<f(u), P_{c,k}>/tau).
-    Returns (G, H, W). (Do not build the (B, C, H, W) map of all classes: COCO has 80 classes.)
-    ``gts_per_image`` (GTs ordered by image) lets each image's product cover its own GTs only."""
+def semantic_scores(features: Tensor, prototypes: Tensor, batch_idx: Tensor, classes: Tensor,
+                    gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
+    """max_k <f(u), P_{c_g,k}> for every GT g: features (B, D, H, W) f-hat, prototypes (C, K, D) unit
+    rows -> (G, H, W), the cosine inside Eq.1's sigmoid. (Do not build the (B, C, H, W) map of all
+    classes: COCO has 80 classes.) ``gts_per_image`` (GTs ordered by image) lets each image's product
+    cover its own GTs only."""
     _check_gt_inputs(features, batch_idx, classes)
-    if not temperature > 0:
-        raise ValueError(f"semantic_maps temperature must be > 0, got {temperature}")
     if prototypes.ndim != 3 or prototypes.shape[2] != features.shape[1]:
         raise ValueError(
             f"prototypes must be (C, K, D={features.shape[1]}), got {tuple(prototypes.shape)}"
@@ -186,7 +192,38 @@ def semantic_maps(features: Tensor, prototypes: Tensor, batch_idx: Tensor, class
     flat = features.float().reshape(b, d, h * w)
     protos = prototypes.float()[classes.long()]  # (G, K, D)
     best = _gt_scores(flat, protos, batch_idx.long(), max_over_k=True, gts_per_image=gts_per_image)  # (G, HW)
-    return torch.sigmoid(best / temperature).reshape(-1, h, w)
+    return best.reshape(-1, h, w)
+
+
+def semantic_maps(features: Tensor, prototypes: Tensor, batch_idx: Tensor, classes: Tensor,
+                  temperature: float = 1.0, gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
+    """Eq.1 for the GTs only: S_g(u) = max_k sigmoid(<f(u), P_{c_g,k}> / tau) = sigmoid(semantic_scores / tau),
+    (G, H, W); arguments as ``semantic_scores``."""
+    if not temperature > 0:
+        raise ValueError(f"semantic_maps temperature must be > 0, got {temperature}")
+    return torch.sigmoid(semantic_scores(features, prototypes, batch_idx, classes, gts_per_image) / temperature)
+
+
+def background_cells(box_masks: Tensor, batch_idx: Tensor, num_images: int,
+                     valid: Optional[Tensor] = None) -> Tensor:
+    """(B, H, W) bool: the cells of each image outside every GT box of that image (and inside the
+    image: ``valid`` (B, H, W), None = every cell). box_masks (G, H, W) > 0 inside GT g's box,
+    batch_idx (G,). Boxes say these cells are background: the pixel set of the background
+    prototypes (MODEL.SIM.BACKGROUND_PROTOTYPES)."""
+    if box_masks.ndim != 3 or batch_idx.shape != box_masks.shape[:1]:
+        raise ValueError(
+            f"background_cells: box_masks (G, H, W) and batch_idx (G,), got {tuple(box_masks.shape)} "
+            f"and {tuple(batch_idx.shape)}"
+        )
+    h, w = box_masks.shape[-2:]
+    covered = torch.zeros(num_images, h * w, device=box_masks.device)
+    covered.index_add_(0, batch_idx.long(), (box_masks > 0).reshape(-1, h * w).float())
+    out = (covered == 0).reshape(num_images, h, w)
+    if valid is not None:
+        if valid.shape != out.shape:
+            raise ValueError(f"background_cells: valid {tuple(valid.shape)}, expected {tuple(out.shape)}")
+        out = out & valid.bool()
+    return out
 
 
 class PrototypeMemory(nn.Module):
@@ -232,6 +269,11 @@ class PrototypeMemory(nn.Module):
                       temperature: float = 1.0, gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
         """Eq.1 with this memory's prototypes; see the module function ``semantic_maps``."""
         return semantic_maps(features, self.prototypes, batch_idx, classes, temperature, gts_per_image)
+
+    def semantic_scores(self, features: Tensor, batch_idx: Tensor, classes: Tensor,
+                        gts_per_image: Optional[Sequence[int]] = None) -> Tensor:
+        """max_k cosine with this memory's prototypes; see the module function ``semantic_scores``."""
+        return semantic_scores(features, self.prototypes, batch_idx, classes, gts_per_image)
 
     def _local_sums(self, features: Tensor, pixel_masks: Tensor, batch_idx: Tensor,
                     classes: Tensor, gts_per_image: Optional[Sequence[int]] = None):

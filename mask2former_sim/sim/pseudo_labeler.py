@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .prototypes import PrototypeMemory, center_features, normalize_features
+from .prototypes import PrototypeMemory, background_cells, center_features, normalize_features
 from .pseudo_masks import (
     adaptive_high_thresh,
     instance_maps,
@@ -69,6 +69,7 @@ class SIMPseudoLabeler(nn.Module):
         num_prototypes: int = 10,
         proto_temperature: float = 1.0,
         center_features: bool = False,
+        background_prototypes: bool = False,
         proto_momentum: float = 0.999,
         proto_pixel_thresh: float = 0.7,
         sinkhorn_eps: float = 0.05,
@@ -103,8 +104,11 @@ class SIMPseudoLabeler(nn.Module):
             raise ValueError(f"MODEL.SIM.WARMUP_ITERS must be >= 0, got {warmup_iters}")
         if proto_temperature <= 0:
             raise ValueError(f"MODEL.SIM.PROTO_TEMPERATURE must be > 0, got {proto_temperature}")
+        self.num_classes = int(num_classes)
+        self.background_prototypes = bool(background_prototypes)
+        # with background prototypes the memory's last class row (index C) is the background
         self.memory = PrototypeMemory(
-            num_classes, num_prototypes, feature_dim, proto_momentum, sinkhorn_eps, sinkhorn_iters, seed
+            self.num_classes + int(self.background_prototypes), num_prototypes, feature_dim, proto_momentum, sinkhorn_eps, sinkhorn_iters, seed
         )
         self.proto_temperature = float(proto_temperature)
         self.center_features = bool(center_features)
@@ -128,6 +132,7 @@ class SIMPseudoLabeler(nn.Module):
             num_prototypes=sim.NUM_PROTOTYPES,
             proto_temperature=sim.PROTO_TEMPERATURE,
             center_features=sim.CENTER_FEATURES,
+            background_prototypes=sim.BACKGROUND_PROTOTYPES,
             proto_momentum=sim.PROTO_MOMENTUM,
             proto_pixel_thresh=sim.PROTO_PIXEL_THRESH,
             sinkhorn_eps=sim.SINKHORN_EPS,
@@ -150,6 +155,7 @@ class SIMPseudoLabeler(nn.Module):
             f"{' (adaptive ' + str(self.adaptive_high_range) + ')' if self.adaptive_high_thresh else ''}, "
             f"extra_positives={self.num_extra_positives}, warmup={self.warmup_iters}"
             f"{', centred features' if self.center_features else ''}"
+            f"{', background prototypes' if self.background_prototypes else ''}"
         )
 
     def active(self, iteration: int) -> bool:
@@ -201,6 +207,24 @@ class SIMPseudoLabeler(nn.Module):
         gathered = probs[batch_idx[:, None], chosen.clamp(min=0)]  # (G, k, H, W)
         return chosen, gathered
 
+    # ------------------------------------------------------------------ semantic maps
+    def _semantic(self, feats: Tensor, batch_idx: Tensor, labels: Tensor, per_image) -> Tensor:
+        """S_g of Eq.1; with background prototypes (not in the paper) the class cosine minus the
+        background cosine: S_g(u) = sigmoid((max_k <f, P_{c_g,k}> - max_k <f, P_{bg,k}>) / tau_s)."""
+        if not self.background_prototypes:
+            return self.memory.semantic_maps(feats, batch_idx, labels, self.proto_temperature, per_image)
+        score = self.memory.semantic_scores(feats, batch_idx, labels, per_image)
+        bg = self.memory.semantic_scores(feats, batch_idx, torch.full_like(labels, self.num_classes), per_image)
+        return torch.sigmoid((score - bg) / self.proto_temperature)
+
+    def _update_background(self, feats: Tensor, box_masks: Tensor, batch_idx: Tensor, valid_grid) -> Dict[str, Tensor]:
+        """Eq.2-5 for the background row: each image's cells outside all its GT boxes, one group per image."""
+        num_images = feats.shape[0]
+        cells = background_cells(box_masks, batch_idx, num_images, valid_grid)
+        images = torch.arange(num_images, device=feats.device)
+        stats = self.memory.update(feats, cells, images, torch.full_like(images, self.num_classes), [1] * num_images)
+        return {"bg_pixels": stats["num_pixels"]}
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(
@@ -247,7 +271,7 @@ class SIMPseudoLabeler(nn.Module):
             in_box = in_box & prepared.valid_grid[batch_idx]
         semantic = combined = targets = loss_weights = high = None
         if self.active(iteration) or force_targets:
-            semantic = self.memory.semantic_maps(feats, batch_idx, labels, self.proto_temperature, per_image)
+            semantic = self._semantic(feats, batch_idx, labels, per_image)
             combined = self_correct(semantic, instance, self.modulation)
             if self.adaptive_high_thresh:
                 high = adaptive_high_thresh(combined, in_box, *self.adaptive_high_range, instance=instance)
@@ -257,6 +281,8 @@ class SIMPseudoLabeler(nn.Module):
         stats: Dict[str, Tensor] = {}
         if update_prototypes:
             stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels, per_image)
+            if self.background_prototypes:
+                stats.update(self._update_background(feats, box_masks, batch_idx, prepared.valid_grid))
         if targets is not None:
             # the share of in-box cells the pseudo loss pushes up / down (the rest is ignored): a
             # positive-only loss (negatives ~0) inflates masks, docs/BENCHMARKS.md
