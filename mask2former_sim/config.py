@@ -148,6 +148,13 @@ def add_sim_config(cfg):
     # not in the paper: one more prototype row for the background, updated (Eq.2-5) with each
     # image's cells outside every GT box; S_g = sigmoid((max_k cos(f, P_c) - max_k cos(f, P_bg)) / tau_s)
     sim.BACKGROUND_PROTOTYPES = False
+    # not in the paper: a per-image colour model (sim/appearance.py), the GrabCut idea: colour
+    # histogram of the teacher's confident cells of a GT against that of its image's cells outside
+    # every GT box; mixed into Eq.7's semantic term, S' = (1 - WEIGHT) S + WEIGHT A (0 = the paper)
+    sim.APPEARANCE = CN()
+    sim.APPEARANCE.WEIGHT = 0.0
+    sim.APPEARANCE.LEVELS = 32  # colour levels per RGB channel (LEVELS^3 histogram bins)
+    sim.APPEARANCE.SMOOTH = True  # 3x3x3 box filter over the bins
     sim.PROTO_MOMENTUM = 0.999
     sim.PROTO_PIXEL_THRESH = 0.7
     sim.SINKHORN_EPS = 0.05

@@ -11,6 +11,7 @@ augmentation) and the GT boxes, classes and masks resized the same way:
 3. per GT, the IoU with the GT mask of
 
        semantic       S_g > 0.5
+       appearance     A_g > 0.5    (the per-image colour model, with MODEL.SIM.APPEARANCE only)
        instance       T_g > 0.5
        combined       R_g > 0.5
        final          Y_g          (= R_g > τ_h inside the box: the pseudo target)
@@ -80,7 +81,7 @@ __all__ = [
     "add_pseudo_mask_eval_hook",
 ]
 
-PSEUDO_COLUMNS = ("semantic", "instance", "combined", "final")
+PSEUDO_COLUMNS = ("semantic", "appearance", "instance", "combined", "final")
 STUDENT_COLUMNS = ("student", "student_image")
 COLUMNS = PSEUDO_COLUMNS + STUDENT_COLUMNS
 PREFIX = "pseudo_mask"
@@ -317,6 +318,8 @@ def per_gt_figures(batch: BatchPseudoMasks) -> Dict[str, torch.Tensor]:
     p = batch.pseudo
     if p is not None:
         out["semantic"] = mask_iou(p.semantic > 0.5, gt, in_box)
+        if p.appearance is not None:  # MODEL.SIM.APPEARANCE
+            out["appearance"] = mask_iou(p.appearance > 0.5, gt, in_box)
         out["instance"] = mask_iou(p.instance > 0.5, gt, in_box)
         out["combined"] = mask_iou(p.combined > 0.5, gt, in_box)
         out["final"] = mask_iou(p.targets > 0.5, gt, in_box)

@@ -85,6 +85,8 @@ class PreparedTargets:
     pasted: Optional[torch.Tensor] = None  # (G,) bool
     paste_index: Optional[torch.Tensor] = None  # (G,) row of each pasted GT in paste_masks, -1 for originals
     paste_masks: Optional[torch.Tensor] = None  # (P, Hp, Wp) bool, padded-input pixels
+    # SIM's appearance maps (MODEL.SIM.APPEARANCE): the input RGB (0..255) average-pooled to the loss grid
+    grid_images: Optional[torch.Tensor] = None  # (B, 3, H, W)
 
 
 @dataclass
@@ -441,6 +443,9 @@ class BoxSupSetCriterion(nn.Module):
             ramp = self.pairwise_ramp(iteration)
         elif image_info is not None and "valid" in image_info:
             valid_grid = downsample_valid(image_info["valid"].to(device), self.loss_stride)
+        grid_images = None
+        if self.pseudo_labeler is not None and self.pseudo_labeler.uses_appearance:
+            grid_images = self._grid_images(image_info, logits.shape[0], grid_hw, device)
         num_pasted = pasted = paste_index = paste_masks = None
         if "paste" in self.losses and any(int(t.get("num_pasted", 0)) for t in targets):
             num_pasted = [int(t.get("num_pasted", 0)) for t in targets]
@@ -466,7 +471,20 @@ class BoxSupSetCriterion(nn.Module):
             pasted=pasted,
             paste_index=paste_index,
             paste_masks=paste_masks,
+            grid_images=grid_images,
         )
+
+    def _grid_images(self, image_info: Optional[Mapping], batch: int, grid_hw, device) -> torch.Tensor:
+        """(B, 3, H, W): the input RGB average-pooled to the loss grid (MODEL.SIM.APPEARANCE)."""
+        images = None if image_info is None else image_info.get("images")
+        full_hw = (grid_hw[0] * self.loss_stride, grid_hw[1] * self.loss_stride)
+        if images is None or images.ndim != 4 or tuple(images.shape) != (batch, 3, *full_hw):
+            raise ValueError(
+                f"MODEL.SIM.APPEARANCE needs image_info['images'] of shape ({batch}, 3, {full_hw[0]}, {full_hw[1]}), "
+                f"got {None if images is None else tuple(images.shape)}"
+            )
+        with torch.no_grad():
+            return F.avg_pool2d(images.to(device).float(), self.loss_stride)
 
     # ------------------------------------------------------------------ step 2: match
     def match(self, decoder_outputs: Sequence[Mapping], prepared: PreparedTargets) -> MatchResult:

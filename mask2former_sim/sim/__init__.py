@@ -4,9 +4,12 @@
 - ``prototypes``: class prototypes, semantic maps (Eq.1) and their update (Eq.2-5).
 - ``pseudo_masks``: IoU-weighted positives (Eq.6), self-correction (Eq.7), pseudo targets
   and loss (Eq.8).
+- ``appearance``: not in the paper, a per-image colour model of each GT against its image's
+  background (MODEL.SIM.APPEARANCE), mixed into Eq.7's semantic term.
 
 These import only torch; the criterion, meta-architecture and trainer wire them.
 """
+from .appearance import appearance_maps, colour_bins, colour_histograms
 from .prototypes import PrototypeMemory, center_features, normalize_features, semantic_maps, sinkhorn
 from .pseudo_masks import (
     adaptive_high_thresh,
@@ -21,6 +24,9 @@ from .pseudo_masks import (
 from .teacher import EMATeacher
 
 __all__ = [
+    "appearance_maps",
+    "colour_bins",
+    "colour_histograms",
     "EMATeacher",
     "PrototypeMemory",
     "normalize_features",

@@ -8,6 +8,7 @@ This module wires the equation modules together; it holds no equation of its own
     Eq.6        w = IoU^γ weights, T_g = Σ w m̃                  pseudo_masks.py
     Eq.2-5      prototype update from {T_g > 0.7} ∩ B_g          prototypes.py  (every step)
     Eq.1        S_g from the teacher's f̂ and the prototypes      prototypes.py  (after warm-up)
+    (option)    A_g per-image colour model, S' = (1-α) S + α A    appearance.py  (not in the paper)
     Eq.7, 8     R_g = (1-β) S_g + β T_g, Y_g, W_g                pseudo_masks.py (after warm-up)
 
 The student's Hungarian matches (``MatchResult.query_of_gt``, (L+1, G)) choose the positives;
@@ -28,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .appearance import appearance_maps
 from .prototypes import PrototypeMemory, background_cells, center_features, normalize_features
 from .pseudo_masks import (
     adaptive_high_thresh,
@@ -57,6 +59,7 @@ class PseudoTargets:
     positive_queries: Tensor  # (G, P) teacher query of each positive (-1 when none)
     high_thresh: Optional[Tensor]  # (G,) τ_h
     stats: Dict[str, Tensor]
+    appearance: Optional[Tensor] = None  # A_g (MODEL.SIM.APPEARANCE.WEIGHT > 0, after the warm-up)
 
 
 class SIMPseudoLabeler(nn.Module):
@@ -70,6 +73,9 @@ class SIMPseudoLabeler(nn.Module):
         proto_temperature: float = 1.0,
         center_features: bool = False,
         background_prototypes: bool = False,
+        appearance_weight: float = 0.0,
+        appearance_levels: int = 32,
+        appearance_smooth: bool = True,
         proto_momentum: float = 0.999,
         proto_pixel_thresh: float = 0.7,
         sinkhorn_eps: float = 0.05,
@@ -104,6 +110,13 @@ class SIMPseudoLabeler(nn.Module):
             raise ValueError(f"MODEL.SIM.WARMUP_ITERS must be >= 0, got {warmup_iters}")
         if proto_temperature <= 0:
             raise ValueError(f"MODEL.SIM.PROTO_TEMPERATURE must be > 0, got {proto_temperature}")
+        if not 0.0 <= appearance_weight <= 1.0:
+            raise ValueError(f"MODEL.SIM.APPEARANCE.WEIGHT must be in [0, 1], got {appearance_weight}")
+        if int(appearance_levels) != appearance_levels or not 2 <= appearance_levels <= 256:
+            raise ValueError(f"MODEL.SIM.APPEARANCE.LEVELS must be an integer in [2, 256], got {appearance_levels}")
+        self.appearance_weight = float(appearance_weight)
+        self.appearance_levels = int(appearance_levels)
+        self.appearance_smooth = bool(appearance_smooth)
         self.num_classes = int(num_classes)
         self.background_prototypes = bool(background_prototypes)
         # with background prototypes the memory's last class row (index C) is the background
@@ -133,6 +146,9 @@ class SIMPseudoLabeler(nn.Module):
             proto_temperature=sim.PROTO_TEMPERATURE,
             center_features=sim.CENTER_FEATURES,
             background_prototypes=sim.BACKGROUND_PROTOTYPES,
+            appearance_weight=sim.APPEARANCE.WEIGHT,
+            appearance_levels=sim.APPEARANCE.LEVELS,
+            appearance_smooth=sim.APPEARANCE.SMOOTH,
             proto_momentum=sim.PROTO_MOMENTUM,
             proto_pixel_thresh=sim.PROTO_PIXEL_THRESH,
             sinkhorn_eps=sim.SINKHORN_EPS,
@@ -156,7 +172,13 @@ class SIMPseudoLabeler(nn.Module):
             f"extra_positives={self.num_extra_positives}, warmup={self.warmup_iters}"
             f"{', centred features' if self.center_features else ''}"
             f"{', background prototypes' if self.background_prototypes else ''}"
+            f"{f', appearance {self.appearance_weight}' if self.uses_appearance else ''}"
         )
+
+    @property
+    def uses_appearance(self) -> bool:
+        """Whether the per-image colour model is on (the criterion then pools the images to the loss grid)."""
+        return self.appearance_weight > 0
 
     def active(self, iteration: int) -> bool:
         """Whether the pseudo-mask loss is on at this (trainer) iteration."""
@@ -225,6 +247,19 @@ class SIMPseudoLabeler(nn.Module):
         stats = self.memory.update(feats, cells, images, torch.full_like(images, self.num_classes), [1] * num_images)
         return {"bg_pixels": stats["num_pixels"]}
 
+    def _appearance(self, prepared, instance: Tensor, in_box: Tensor) -> Tensor:
+        """A_g of appearance.py: the GT's confident cells (the pixel set of Eq.2-5) against its image's
+        cells outside every GT box."""
+        if prepared.grid_images is None:
+            raise ValueError("MODEL.SIM.APPEARANCE needs the criterion's grid images (PreparedTargets.grid_images)")
+        background = background_cells(
+            prepared.box_masks, prepared.batch_idx, prepared.grid_images.shape[0], prepared.valid_grid
+        )
+        return appearance_maps(
+            prepared.grid_images, (instance > self.proto_pixel_thresh) & in_box, background, prepared.batch_idx,
+            self.appearance_levels, self.appearance_smooth,
+        )
+
     # ------------------------------------------------------------------ forward
     @torch.no_grad()
     def forward(
@@ -269,10 +304,14 @@ class SIMPseudoLabeler(nn.Module):
         in_box = box_masks > 0
         if prepared.valid_grid is not None:
             in_box = in_box & prepared.valid_grid[batch_idx]
-        semantic = combined = targets = loss_weights = high = None
+        semantic = appearance = combined = targets = loss_weights = high = None
         if self.active(iteration) or force_targets:
             semantic = self._semantic(feats, batch_idx, labels, per_image)
-            combined = self_correct(semantic, instance, self.modulation)
+            semantic_term = semantic
+            if self.uses_appearance:
+                appearance = self._appearance(prepared, instance, in_box)
+                semantic_term = (1.0 - self.appearance_weight) * semantic + self.appearance_weight * appearance
+            combined = self_correct(semantic_term, instance, self.modulation)
             if self.adaptive_high_thresh:
                 high = adaptive_high_thresh(combined, in_box, *self.adaptive_high_range, instance=instance)
             else:
@@ -300,6 +339,7 @@ class SIMPseudoLabeler(nn.Module):
             positive_queries=queries,
             high_thresh=high,
             stats=stats,
+            appearance=appearance,
         )
 
     def loss(self, logits: Tensor, targets: Tensor, weights: Tensor):
