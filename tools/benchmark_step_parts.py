@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Micro-benchmarks behind two CPU speed choices (synthetic-config sizes, random inputs).
 
-    .venv/bin/python tools/benchmark_step_parts.py [--threads 1] [--repeats 10]
+    .venv/bin/python tools/benchmark_step_parts.py [--threads 1] [--repeats 10] [--parts optimizer colour criterion appearance]
 
 1. Optimizer step + full-model gradient clipping of the synthetic model's parameters:
    per-parameter loop (foreach=False) vs multi-tensor (foreach=True).
@@ -9,6 +9,9 @@
    torch.linalg.vector_norm over the channel dim vs sqrt of the summed squares.
 3. BoxSupSetCriterion forward and backward (8 images, 20 queries, 7 decoder outputs,
    32 x 32 mask grid of a 128 px input, 3 boxes per image) at MODEL.BOXSUP.LOSS_STRIDE 4, 2, 1.
+4. SIM's appearance maps (MODEL.SIM.APPEARANCE, sim/appearance.py, 32 levels per channel) at the
+   synthetic step's size (8 images, 64 x 64 loss grid, 3 GTs each) and at one COCO GPU's (2 images of
+   1024 px, 256 x 256 grid, 20 GTs each).
 Prints a markdown table of mean seconds per call.
 """
 import argparse
@@ -89,17 +92,42 @@ def criterion_rows(cfg, repeats: int):
             lambda: sum(crit(outputs, targets, info, 10**6).values()).backward(), repeats)
 
 
+def appearance_rows(repeats: int):
+    from mask2former_sim.sim.appearance import appearance_maps
+    from mask2former_sim.sim.prototypes import background_cells
+
+    g = torch.Generator().manual_seed(0)
+    for name, batch, grid, per_image in (("synthetic step", 8, 64, 3), ("COCO, one GPU", 2, 256, 20)):
+        gts = batch * per_image
+        images = torch.rand(batch, 3, grid, grid, generator=g) * 255
+        xy = (torch.rand(gts, 2, generator=g) * grid * 0.7).long()
+        size = (torch.rand(gts, 2, generator=g) * grid * 0.3).long() + 2
+        ys, xs = torch.arange(grid)[None, :, None], torch.arange(grid)[None, None, :]
+        boxes = ((ys >= xy[:, 1, None, None]) & (ys < (xy[:, 1] + size[:, 1])[:, None, None])
+                 & (xs >= xy[:, 0, None, None]) & (xs < (xy[:, 0] + size[:, 0])[:, None, None]))
+        confident = boxes & (torch.rand(gts, grid, grid, generator=g) > 0.5)
+        batch_idx = torch.arange(batch).repeat_interleave(per_image)
+        background = background_cells(boxes.float(), batch_idx, batch)
+        yield f"appearance maps, {name} ({gts} GTs, {grid} x {grid} grid)", timed(
+            lambda: appearance_maps(images, confident, background, batch_idx, levels=32), repeats)
+
+
+PARTS = {"optimizer": lambda cfg, r: optimizer_rows(cfg, r), "colour": lambda cfg, r: colour_distance_rows(r),
+         "criterion": lambda cfg, r: criterion_rows(cfg, r), "appearance": lambda cfg, r: appearance_rows(r)}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=10)
+    p.add_argument("--parts", nargs="+", choices=sorted(PARTS), default=list(PARTS), help="which micro-benchmarks (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = build_cfg(CONFIG, ["MODEL.BACKBONE_PRETRAIN.ENABLED", "False"])
     print(f"| what ({args.threads} thread(s), mean of {args.repeats}) | seconds per call |\n|---|---|")
-    for name, seconds in [*optimizer_rows(cfg, args.repeats), *colour_distance_rows(args.repeats),
-                          *criterion_rows(cfg, args.repeats)]:
-        print(f"| {name} | {seconds:.4f} |", flush=True)
+    for part in args.parts:
+        for name, seconds in PARTS[part](cfg, args.repeats):
+            print(f"| {name} | {seconds:.4f} |", flush=True)
 
 
 if __name__ == "__main__":

