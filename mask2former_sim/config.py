@@ -151,6 +151,9 @@ def add_sim_config(cfg):
     # not in the paper: a per-image colour model (sim/appearance.py), the GrabCut idea: colour
     # histogram of the teacher's confident cells of a GT against that of its image's cells outside
     # every GT box; mixed into Eq.7's semantic term, S' = (1 - WEIGHT) S + WEIGHT A (0 = the paper)
+    # not in the paper: the pseudo loss also pushes g's mask down on every valid cell outside its
+    # box (boxes say those cells are not g; Eq.8 leaves them to the projection loss)
+    sim.OUTSIDE_BOX_NEGATIVES = False
     sim.APPEARANCE = CN()
     sim.APPEARANCE.WEIGHT = 0.0
     sim.APPEARANCE.LEVELS = 32  # colour levels per RGB channel (LEVELS^3 histogram bins)

@@ -308,3 +308,24 @@ def test_background_cells_are_valid_cells_outside_every_box_of_their_image():
     assert torch.equal(background_cells(boxes, torch.tensor([0, 0, 2]), 3)[1], torch.ones(4, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="valid"):
         background_cells(boxes, torch.tensor([0, 0, 2]), 3, valid[:2])
+
+
+def test_outside_box_negatives_weight_every_valid_cell_outside_the_box_as_background():
+    """MODEL.SIM.OUTSIDE_BOX_NEGATIVES: Eq.8's targets and weights inside the box are unchanged; every
+    valid cell outside the GT's box gets weight 1 and target 0; padding keeps weight 0; the loss changes."""
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    paper, crit = sim_criterion(warmup=0), sim_criterion(warmup=0, outside_box_negatives=True)
+    lp = paper(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    lo = crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    p, ref = crit.last_pseudo, paper.last_pseudo
+    prepared = crit.prepare(outputs, targets, info, 0)
+    box = prepared.box_masks > 0
+    valid = prepared.valid_grid[prepared.batch_idx]
+    assert torch.equal(p.targets, ref.targets)
+    assert torch.equal(p.weights[box], ref.weights[box])
+    assert (~box & valid).any() and (~valid).any()
+    assert torch.equal(p.weights[~box & valid], torch.ones(int((~box & valid).sum())))
+    assert torch.equal(p.weights[~box & ~valid], torch.zeros(int((~box & ~valid).sum())))
+    assert lo["loss_pseudo_bce"].item() != lp["loss_pseudo_bce"].item()
+    assert lo["loss_ce"].item() == lp["loss_ce"].item()

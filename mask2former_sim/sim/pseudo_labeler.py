@@ -73,6 +73,7 @@ class SIMPseudoLabeler(nn.Module):
         proto_temperature: float = 1.0,
         center_features: bool = False,
         background_prototypes: bool = False,
+        outside_box_negatives: bool = False,
         appearance_weight: float = 0.0,
         appearance_levels: int = 32,
         appearance_smooth: bool = True,
@@ -114,6 +115,7 @@ class SIMPseudoLabeler(nn.Module):
             raise ValueError(f"MODEL.SIM.APPEARANCE.WEIGHT must be in [0, 1], got {appearance_weight}")
         if int(appearance_levels) != appearance_levels or not 2 <= appearance_levels <= 256:
             raise ValueError(f"MODEL.SIM.APPEARANCE.LEVELS must be an integer in [2, 256], got {appearance_levels}")
+        self.outside_box_negatives = bool(outside_box_negatives)
         self.appearance_weight = float(appearance_weight)
         self.appearance_levels = int(appearance_levels)
         self.appearance_smooth = bool(appearance_smooth)
@@ -146,6 +148,7 @@ class SIMPseudoLabeler(nn.Module):
             proto_temperature=sim.PROTO_TEMPERATURE,
             center_features=sim.CENTER_FEATURES,
             background_prototypes=sim.BACKGROUND_PROTOTYPES,
+            outside_box_negatives=sim.OUTSIDE_BOX_NEGATIVES,
             appearance_weight=sim.APPEARANCE.WEIGHT,
             appearance_levels=sim.APPEARANCE.LEVELS,
             appearance_smooth=sim.APPEARANCE.SMOOTH,
@@ -173,6 +176,7 @@ class SIMPseudoLabeler(nn.Module):
             f"{', centred features' if self.center_features else ''}"
             f"{', background prototypes' if self.background_prototypes else ''}"
             f"{f', appearance {self.appearance_weight}' if self.uses_appearance else ''}"
+            f"{', negatives outside the box' if self.outside_box_negatives else ''}"
         )
 
     @property
@@ -317,6 +321,11 @@ class SIMPseudoLabeler(nn.Module):
             else:
                 high = combined.new_full((combined.shape[0],), self.high_thresh)
             targets, loss_weights = pseudo_targets(combined, in_box, self.low_thresh, high)
+            if self.outside_box_negatives:  # Y = 0 there already; W = 1 on the valid cells outside B_g
+                outside = box_masks <= 0
+                if prepared.valid_grid is not None:
+                    outside = outside & prepared.valid_grid[batch_idx]
+                loss_weights = loss_weights + outside.float()
         stats: Dict[str, Tensor] = {}
         if update_prototypes:
             stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels, per_image)
