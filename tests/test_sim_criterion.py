@@ -329,3 +329,5 @@ def test_outside_box_negatives_weight_every_valid_cell_outside_the_box_as_backgr
     assert torch.equal(p.weights[~box & ~valid], torch.zeros(int((~box & ~valid).sum())))
     assert lo["loss_pseudo_bce"].item() != lp["loss_pseudo_bce"].item()
     assert lo["loss_ce"].item() == lp["loss_ce"].item()
+    # the logged shares stay shares of the box's cells
+    assert torch.equal(p.stats["pseudo_neg_fraction"], ref.stats["pseudo_neg_fraction"])

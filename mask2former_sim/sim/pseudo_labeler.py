@@ -336,7 +336,7 @@ class SIMPseudoLabeler(nn.Module):
             # positive-only loss (negatives ~0) inflates masks, docs/BENCHMARKS.md
             cells = in_box.sum().clamp_min(1).float()
             stats["pseudo_pos_fraction"] = targets.sum() / cells
-            stats["pseudo_neg_fraction"] = ((loss_weights > 0) & (targets <= 0)).sum() / cells
+            stats["pseudo_neg_fraction"] = ((loss_weights > 0) & (targets <= 0) & in_box).sum() / cells
         return PseudoTargets(
             targets=targets,
             weights=loss_weights,
