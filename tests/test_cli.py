@@ -540,7 +540,7 @@ def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work, drop
                        capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
     text = (out / "seed0" / "cmp" / "comparison.md").read_text()
-    for row in ("boxonly", "sim", "sim_beta0", "sim_beta1", "sim_gamma0"):
+    for row in ("boxonly", "sim", "sim_paper_maps", "sim_beta0", "sim_beta1", "sim_gamma0"):
         assert f"| {row} |" in text, text
         log = (out / "seed0" / f"{row}.log").read_text()
         assert "Starting training from iteration 2" in log, log[-3000:]

@@ -82,7 +82,7 @@ def gt_rows(batch):
             "neg on fg": float((neg & fg).sum()) / n_fg,
         }
         maps = {"S": p.semantic[g], "T": p.instance[g], "R": p.combined[g], "student": batch.student[g]}
-        if p.appearance is not None:  # MODEL.SIM.APPEARANCE: the per-image colour model
+        if getattr(p, "appearance", None) is not None:  # MODEL.SIM.APPEARANCE: the per-image colour model
             maps["A"] = p.appearance[g]
         for name, m in maps.items():
             row[f"{name} fg"] = float(m[fg].mean())

@@ -5,12 +5,14 @@ Tiles, left to right, each a crop around the GT box (box drawn in green):
     image        the test-time input, class name in the title
     semantic     S_g, Eq.1 (heat map, 0 dark .. 1 bright); the title gives the IoU of S_g > 0.5 with
                  the GT mask inside the box, as the evaluation computes it (same for the others)
+    appearance   A_g, the per-image colour model (only with MODEL.SIM.APPEARANCE.WEIGHT > 0)
     instance     T_g, Eq.6
     combined     R_g, Eq.7
     positives w  the Eq.6 weight of each positive: one bar per decoder output (0 .. L-1, F = final,
                  +k = extra positives), the weight above the bar; a grey x marks a missing positive
     pseudo Y     Y_g = 1 white, ignored in the box (W = 0) grey, confident background black,
-                 outside the box dark blue (never supervised)
+                 outside the box dark blue (supervised as background only with
+                 MODEL.SIM.OUTSIDE_BOX_NEGATIVES)
     student      the student's matched final-output mask probability (heat map)
     GT mask      when the split has masks
 
@@ -163,7 +165,11 @@ def instance_panel(batch: BatchPseudoMasks, g: int, class_name: str = "", tile: 
     tiles = [_titled(_tile(image, window, box, tile, True), class_name or f"class {int(batch.labels[g])}")]
     p = batch.pseudo
     if p is not None:
-        for name, grid in (("semantic", p.semantic[g]), ("instance", p.instance[g]), ("combined", p.combined[g])):
+        maps = [("semantic", p.semantic[g])]
+        if getattr(p, "appearance", None) is not None:
+            maps.append(("appearance", p.appearance[g]))
+        maps += [("instance", p.instance[g]), ("combined", p.combined[g])]
+        for name, grid in maps:
             tiles.append(_titled(_tile(heat_colors(up(grid)), window, box, tile, False), name + iou_note(grid > 0.5)))
         weights = p.positive_weights[g].tolist()
         valid = p.positive_valid[g].tolist()

@@ -318,7 +318,7 @@ def per_gt_figures(batch: BatchPseudoMasks) -> Dict[str, torch.Tensor]:
     p = batch.pseudo
     if p is not None:
         out["semantic"] = mask_iou(p.semantic > 0.5, gt, in_box)
-        if p.appearance is not None:  # MODEL.SIM.APPEARANCE
+        if getattr(p, "appearance", None) is not None:  # MODEL.SIM.APPEARANCE
             out["appearance"] = mask_iou(p.appearance > 0.5, gt, in_box)
         out["instance"] = mask_iou(p.instance > 0.5, gt, in_box)
         out["combined"] = mask_iou(p.combined > 0.5, gt, in_box)
