@@ -100,6 +100,9 @@ def test_appearance_map_is_uninformative_without_object_cells_or_background():
     assert not torch.allclose(a[0], torch.full((h, w), 0.5))
     torch.testing.assert_close(a[1], torch.full((h, w), 0.5))
     torch.testing.assert_close(a[2], torch.full((h, w), 0.5))
+    # a batch (or a rank) without any GT: an empty map, no error
+    none = appearance_maps(imgs, confident[:0], torch.ones(2, h, w, dtype=torch.bool), batch_idx[:0], levels=8)
+    assert none.shape == (0, h, w)
     with pytest.raises(ValueError, match="do not match"):
         appearance_maps(imgs[:, :, :4], confident, background_cells(boxes, batch_idx, 2), batch_idx)
 

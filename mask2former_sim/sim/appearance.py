@@ -92,8 +92,8 @@ def appearance_maps(grid_images: Tensor, object_cells: Tensor, background: Tenso
     g, h, w = object_cells.shape
     bins = colour_bins(grid_images, levels)  # (B, N)
     images = torch.arange(bins.shape[0], device=bins.device)
-    h_obj = colour_histograms(bins, object_cells.reshape(g, -1), batch_idx, levels, smooth)  # (G, n³)
-    h_bg = colour_histograms(bins, background.reshape(background.shape[0], -1), images, levels, smooth)  # (B, n³)
+    h_obj = colour_histograms(bins, object_cells.reshape(g, h * w), batch_idx, levels, smooth)  # (G, n³); G may be 0
+    h_bg = colour_histograms(bins, background.reshape(background.shape[0], h * w), images, levels, smooth)  # (B, n³)
     own = bins[batch_idx.long()]  # (G, N) bin of every cell of the GT's image
     p_obj = h_obj.gather(1, own)
     p_bg = h_bg.flatten()[batch_idx.long()[:, None] * h_bg.shape[1] + own]  # h_bg[b_g, own] without a (G, n³) copy
