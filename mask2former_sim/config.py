@@ -154,6 +154,10 @@ def add_sim_config(cfg):
     # not in the paper: the pseudo loss also pushes g's mask down on every valid cell outside its
     # box (boxes say those cells are not g; Eq.8 leaves them to the projection loss)
     sim.OUTSIDE_BOX_NEGATIVES = False
+    # with OUTSIDE_BOX_NEGATIVES: the outside cells of g together weigh as much as g's in-box
+    # weights (each sum(W in B_g) / #outside cells) instead of 1 each, so that the many easy
+    # outside cells do not dilute the weighted BCE of the box's pseudo targets (normalised by sum W)
+    sim.OUTSIDE_BOX_BALANCED = False
     sim.APPEARANCE = CN()
     sim.APPEARANCE.WEIGHT = 0.0
     sim.APPEARANCE.LEVELS = 32  # colour levels per RGB channel (LEVELS^3 histogram bins)

@@ -331,3 +331,33 @@ def test_outside_box_negatives_weight_every_valid_cell_outside_the_box_as_backgr
     assert lo["loss_ce"].item() == lp["loss_ce"].item()
     # the logged shares stay shares of the box's cells
     assert torch.equal(p.stats["pseudo_neg_fraction"], ref.stats["pseudo_neg_fraction"])
+
+
+def test_balanced_outside_negatives_weigh_as_much_as_the_box_together():
+    """MODEL.SIM.OUTSIDE_BOX_BALANCED: in the box nothing changes; the valid outside cells of a GT share
+    one weight whose sum equals the GT's in-box weight sum; padding keeps weight 0; needs the negatives."""
+    outputs, targets, info = make_outputs(2, num_aux=2), make_targets(2), make_info(2)
+    teacher = teacher_outputs_like(outputs)
+    plain = sim_criterion(warmup=0, outside_box_negatives=True)
+    crit = sim_criterion(warmup=0, outside_box_negatives=True, outside_box_balanced=True)
+    lp = plain(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    lb = crit(outputs, targets, info, iteration=0, teacher_outputs=teacher)
+    p, ref = crit.last_pseudo, plain.last_pseudo
+    prepared = crit.prepare(outputs, targets, info, 0)
+    box = prepared.box_masks > 0
+    outside = ~box & prepared.valid_grid[prepared.batch_idx]
+    assert torch.equal(p.targets, ref.targets)
+    assert torch.equal(p.weights[box], ref.weights[box])
+    assert not p.weights[~box & ~outside].any()
+    weighted = 0
+    for g in range(p.weights.shape[0]):
+        w_out = p.weights[g][outside[g]]
+        in_box_sum = p.weights[g][box[g]].sum()
+        assert outside[g].any()
+        assert torch.allclose(w_out, w_out[0].expand_as(w_out))
+        torch.testing.assert_close(w_out.sum(), in_box_sum)  # a GT whose box is all ignored: 0 outside too
+        weighted += int(in_box_sum > 0)
+    assert weighted > 0
+    assert lb["loss_pseudo_bce"].item() != lp["loss_pseudo_bce"].item()
+    with pytest.raises(ValueError, match="OUTSIDE_BOX_NEGATIVES"):
+        sim_criterion(warmup=0, outside_box_balanced=True)

@@ -74,6 +74,7 @@ class SIMPseudoLabeler(nn.Module):
         center_features: bool = False,
         background_prototypes: bool = False,
         outside_box_negatives: bool = False,
+        outside_box_balanced: bool = False,
         appearance_weight: float = 0.0,
         appearance_levels: int = 32,
         appearance_smooth: bool = True,
@@ -115,7 +116,10 @@ class SIMPseudoLabeler(nn.Module):
             raise ValueError(f"MODEL.SIM.APPEARANCE.WEIGHT must be in [0, 1], got {appearance_weight}")
         if int(appearance_levels) != appearance_levels or not 2 <= appearance_levels <= 256:
             raise ValueError(f"MODEL.SIM.APPEARANCE.LEVELS must be an integer in [2, 256], got {appearance_levels}")
+        if outside_box_balanced and not outside_box_negatives:
+            raise ValueError("MODEL.SIM.OUTSIDE_BOX_BALANCED needs MODEL.SIM.OUTSIDE_BOX_NEGATIVES True")
         self.outside_box_negatives = bool(outside_box_negatives)
+        self.outside_box_balanced = bool(outside_box_balanced)
         self.appearance_weight = float(appearance_weight)
         self.appearance_levels = int(appearance_levels)
         self.appearance_smooth = bool(appearance_smooth)
@@ -149,6 +153,7 @@ class SIMPseudoLabeler(nn.Module):
             center_features=sim.CENTER_FEATURES,
             background_prototypes=sim.BACKGROUND_PROTOTYPES,
             outside_box_negatives=sim.OUTSIDE_BOX_NEGATIVES,
+            outside_box_balanced=sim.OUTSIDE_BOX_BALANCED,
             appearance_weight=sim.APPEARANCE.WEIGHT,
             appearance_levels=sim.APPEARANCE.LEVELS,
             appearance_smooth=sim.APPEARANCE.SMOOTH,
@@ -177,6 +182,7 @@ class SIMPseudoLabeler(nn.Module):
             f"{', background prototypes' if self.background_prototypes else ''}"
             f"{f', appearance {self.appearance_weight}' if self.uses_appearance else ''}"
             f"{', negatives outside the box' if self.outside_box_negatives else ''}"
+            f"{' (balanced)' if self.outside_box_balanced else ''}"
         )
 
     @property
@@ -321,11 +327,15 @@ class SIMPseudoLabeler(nn.Module):
             else:
                 high = combined.new_full((combined.shape[0],), self.high_thresh)
             targets, loss_weights = pseudo_targets(combined, in_box, self.low_thresh, high)
-            if self.outside_box_negatives:  # Y = 0 there already; W = 1 on the valid cells outside B_g
+            if self.outside_box_negatives:  # Y = 0 there already; W > 0 on the valid cells outside B_g
                 outside = box_masks <= 0
                 if prepared.valid_grid is not None:
                     outside = outside & prepared.valid_grid[batch_idx]
-                loss_weights = loss_weights + outside.float()
+                outside = outside.float()
+                if self.outside_box_balanced:  # together as heavy as the box's weights
+                    share = loss_weights.flatten(1).sum(1) / outside.flatten(1).sum(1).clamp_min(1.0)
+                    outside = outside * share[:, None, None]
+                loss_weights = loss_weights + outside
         stats: Dict[str, Tensor] = {}
         if update_prototypes:
             stats = self.memory.update(feats, (instance > self.proto_pixel_thresh) & in_box, batch_idx, labels, per_image)
