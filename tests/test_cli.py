@@ -545,6 +545,7 @@ def test_benchmark_sim_synthetic_rows_continue_from_the_shared_warmup(work, drop
         log = (out / "seed0" / f"{row}.log").read_text()
         assert "Starting training from iteration 2" in log, log[-3000:]
     assert "`MODEL.SIM.MODULATION`" in text and "`MODEL.SIM.IOU_GAMMA`" in text and "`MODEL.SIM.ENABLED`" in text
+    assert "`MODEL.SIM.PSEUDO_WEIGHT`" in text  # the paper-maps row at the lambda_1 it was measured with
     # every row starts from a hard link of the warm-up checkpoint: the rows' own saves (temporary
     # file renamed over the name) left the warm-up's file as it was
     warm = torch.load(out / "seed0" / "warmup" / "model_final.pth", map_location="cpu", weights_only=True)

@@ -9,15 +9,16 @@
 # continues from a copy of it with --resume: box-only (MODEL.SIM.ENABLED False), SIM, SIM +
 # copy-paste (MODEL.SIM.COPY_PASTE.ENABLED True), SIM with the paper's semantic map alone
 # (MODEL.SIM.APPEARANCE.WEIGHT 0, OUTSIDE_BOX_NEGATIVES False: the synthetic config's two additions
-# off), and for the first seed the ablations beta 0, beta 1, gamma 0. Runs one at a time (time them on a
-# quiet machine); then tools/compare_runs.py writes OUT_DIR/seed<S>/cmp/comparison.md.
+# off; PSEUDO_WEIGHT 0.2, the lambda_1 these maps were measured best at), and for the first seed
+# the ablations beta 0, beta 1, gamma 0. Runs one at a time (time them on a quiet machine);
+# then tools/compare_runs.py writes OUT_DIR/seed<S>/cmp/comparison.md.
 # Knobs: CONFIG (default configs/synthetic/sim_R18_synth.yaml), PYTHON (default .venv/bin/python),
 # EXTRA_OPTS (KEY VALUE pairs added to every run, e.g. "SOLVER.MAX_ITER 800 MODEL.SIM.WARMUP_ITERS 400").
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 case "${1:-}" in
-  ""|-h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 0 || exit 2 ;;
+  ""|-h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; [ -n "${1:-}" ] && exit 0 || exit 2 ;;
 esac
 OUT="$1"; shift
 SEEDS=("$@"); [ ${#SEEDS[@]} -gt 0 ] || SEEDS=(0 1)
@@ -61,7 +62,7 @@ for s in "${SEEDS[@]}"; do
   continue_from "$d/warmup" "$d/sim_cp" SEED "$s" MODEL.SIM.COPY_PASTE.ENABLED True \
     MODEL.SIM.COPY_PASTE.BANK_IN_CHECKPOINT True
   continue_from "$d/warmup" "$d/sim_paper_maps" SEED "$s" MODEL.SIM.APPEARANCE.WEIGHT 0.0 \
-    MODEL.SIM.OUTSIDE_BOX_NEGATIVES False
+    MODEL.SIM.OUTSIDE_BOX_NEGATIVES False MODEL.SIM.PSEUDO_WEIGHT 0.2
   rows=("$d/sim" "$d/sim_cp" "$d/sim_paper_maps")
   if [ $first = 1 ]; then
     continue_from "$d/warmup" "$d/sim_beta0" SEED "$s" MODEL.SIM.MODULATION 0.0
