@@ -41,7 +41,8 @@ def test_method_defaults():
     assert (sim.LOW_THRESH, sim.HIGH_THRESH, sim.PSEUDO_WEIGHT, sim.COPY_PASTE.WEIGHT) == (0.3, 0.7, 1.0, 1.0)
     assert (sim.PROTO_MOMENTUM, sim.TEACHER.MOMENTUM, sim.WARMUP_ITERS) == (0.999, 0.9999, 10000)
     assert sim.CENTER_FEATURES is False and sim.BACKGROUND_PROTOTYPES is False  # not in the paper: off unless asked
-    assert sim.APPEARANCE.WEIGHT == 0.0 and sim.OUTSIDE_BOX_NEGATIVES is False and sim.OUTSIDE_BOX_BALANCED is False  # not in the paper: off unless asked
+    # not in the paper: off unless asked
+    assert sim.APPEARANCE.WEIGHT == 0.0 and sim.OUTSIDE_BOX_NEGATIVES is False and sim.OUTSIDE_BOX_BALANCED is False
     assert (sim.COPY_PASTE.BANK_SIZE, sim.COPY_PASTE.FRACTION, sim.COPY_PASTE.PROB) == (100, 0.25, 0.5)
     assert (bs.MATCHER_CLASS_WEIGHT, bs.MATCHER_PROJ_WEIGHT, bs.PAIRWISE_COLOR_THRESH) == (2.0, 5.0, 0.1)
     assert (bs.PAIRWISE_DILATION, bs.PAIRWISE_THETA, bs.PAIRWISE_SIZE) == (2, 2.0, 3)
